@@ -1,0 +1,1 @@
+"""Networks: the BEiT encoder, tokenizers (own dVAE, DALL-E), checkpoints, optimiser groups."""

@@ -1,0 +1,1 @@
+"""Data plane: sources, shards, views, masking, token store, loader. Never imports `model`."""

@@ -1,0 +1,1 @@
+"""Thin DVC stages: parse params, call the pure functions in pipeline/ and model/."""

@@ -1,0 +1,37 @@
+"""`beit`: one click subcommand per DVC stage.
+
+Stage modules are imported only when their command runs, so `beit --help`
+stays fast and a stage's heavy imports (torch, dask) cost nothing elsewhere.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# command name -> "module:attribute" of a click.Command
+COMMANDS = {
+    "fetch-data": "stages.fetch_data:cli",
+    "shard": "stages.shard:cli",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """BEiT pipeline: shard -> tokenize -> pretrain -> finetune.
+
+    Each command reads params.yaml (override with --params) and does what
+    its DVC stage does; options override single params.
+    """

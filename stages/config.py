@@ -1,0 +1,140 @@
+"""Typed, frozen configuration read once from params.yaml.
+
+Every section of params.yaml maps to a frozen dataclass. Unknown keys and
+wrong types are errors that name the offending key, so a typo in params.yaml
+(or in `dvc exp run -S ...`) fails loudly instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem; the message names the key and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
+    root: Optional[str] = None
+    splits: tuple[str, ...] = ("train", "test")
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardConfig:
+    out: str = "data/shards"
+    shard_size: int = 5000
+    resize_short: Optional[int] = None
+    workers: int = 2
+    strict: bool = False
+    max_pixels: int = 89_478_485
+    jpeg_quality: int = 95
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    mask_ratio: float = 0.4
+    masking: Literal["block", "random"] = "block"
+    target: Literal["tokens", "pixels"] = "tokens"
+    model: str = "micro"
+    data: DataConfig = DataConfig()
+    shard: ShardConfig = ShardConfig()
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio={self.mask_ratio}: must be in (0, 1), e.g. 0.4")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and
+    nested dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r}: must be one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} in params: valid keys here are {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read params.yaml once into a frozen `Params`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the repository root or pass --params PATH")
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    try:
+        return from_dict(Params, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
