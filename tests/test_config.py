@@ -1,0 +1,54 @@
+"""params.yaml -> frozen dataclasses: typos and wrong types must fail loudly."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import ConfigError, Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_repo_params_load_and_are_frozen():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 1  # type: ignore[misc]
+    assert isinstance(params.data.splits, tuple)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"mask_ratoi": 0.4}, "unknown key mask_ratoi"),
+        ({"shard": {"shard_sise": 10}}, "unknown key shard.shard_sise"),
+        ({"shard": {"shard_size": "big"}}, "shard.shard_size='big': expected an integer"),
+        ({"shard": {"workers": 1.5}}, "shard.workers=1.5: expected an integer"),
+        ({"masking": "grid"}, "masking='grid': must be one of block, random"),
+        ({"mask_ratio": 1.2}, "mask_ratio=1.2: must be in"),
+        ({"data": {"splits": "train"}}, "data.splits: expected a list"),
+        ({"shard": {"strict": "yes"}}, "shard.strict='yes': expected true or false"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_params(write(tmp_path, data))
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="not found") as err:
+        load_params(tmp_path / "nope.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_optional_and_int_to_float(tmp_path):
+    params = load_params(write(tmp_path, {"shard": {"resize_short": 256}, "data": {"root": None}}))
+    assert params.shard.resize_short == 256 and params.data.root is None
+    assert isinstance(load_params(write(tmp_path, {"mask_ratio": 1 / 2})).mask_ratio, float)
