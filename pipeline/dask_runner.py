@@ -1,0 +1,107 @@
+"""Run one task per data shard on Dask: a LocalCluster by default, an existing
+scheduler by address, GPU workers by resource.
+
+Tasks write their own outputs (whole chunks nobody else touches) and return a
+small stats dict; the driver only tracks progress. `retries` re-runs a task
+whose worker died, which is safe because a task's writes are idempotent.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from tqdm import tqdm
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    workers: int = 2  # LocalCluster processes (ignored with `scheduler`)
+    threads_per_worker: int = 1  # torch threads per worker process, too
+    scheduler: Optional[str] = None  # e.g. "tcp://host:8786": use an existing cluster
+    device: str = "cpu"  # "cpu" | "cuda": with cuda, tasks ask for resources={"GPU": 1}
+    retries: int = 2
+
+
+@contextlib.contextmanager
+def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
+    from dask.distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        client = Client(cfg.scheduler, timeout="30s")
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    resources = {"GPU": 1} if cfg.device == "cuda" else None
+    cluster = LocalCluster(
+        n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+        dashboard_address=None, silence_logs=40, resources=resources,
+    )
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def worker_device(requested: str) -> str:
+    """The device this task should use: with several GPUs on one host, spread
+    LocalCluster workers (named 0..n-1) over them."""
+    if requested != "cuda":
+        return "cpu"
+    import torch
+
+    try:
+        from dask.distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if isinstance(name, int) or str(name).isdigit() else 0
+    except (ValueError, ImportError):
+        index = 0
+    return f"cuda:{index % max(1, torch.cuda.device_count())}"
+
+
+def run_per_shard(
+    client: Any,
+    task: Callable[..., dict],
+    shard_ids: Iterable[int],
+    *,
+    cfg: ClusterConfig,
+    images_per_shard: dict[int, int],
+    desc: str = "shards",
+    **task_kwargs: Any,
+) -> list[dict]:
+    """Submit `task(shard_id, **task_kwargs)` for every shard; show images/s and ETA.
+
+    Returns the tasks' stats dicts in completion order. A task that fails after
+    its retries raises here, after the others have finished (so their work is kept).
+    """
+    from dask.distributed import as_completed
+
+    ids = list(shard_ids)
+    if not ids:
+        return []
+    resources = {"GPU": 1} if cfg.device == "cuda" else None
+    futures = [
+        client.submit(task, s, pure=False, retries=cfg.retries, resources=resources,
+                      key=f"{desc}-{s}-{time.time_ns()}", **task_kwargs)
+        for s in ids
+    ]
+    results, failures = [], []
+    total = sum(images_per_shard[s] for s in ids)
+    with tqdm(total=total, unit="img", desc=desc, smoothing=0.1) as bar:
+        for fut in as_completed(futures):
+            try:
+                stats = fut.result()
+            except Exception as err:  # keep going: finished shards stay finished
+                failures.append(err)
+                continue
+            results.append(stats)
+            bar.update(stats.get("images", 0))
+    if failures:
+        raise RuntimeError(f"{len(failures)} shard task(s) failed; first: {failures[0]}") from failures[0]
+    return results
