@@ -13,6 +13,7 @@ import click
 COMMANDS = {
     "fetch-data": "stages.fetch_data:cli",
     "shard": "stages.shard:cli",
+    "tokenize": "stages.tokenize:cli",
 }
 
 

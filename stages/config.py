@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.views import ViewConfig
+
 
 class ConfigError(ValueError):
     """A params.yaml problem; the message names the key and what to do."""
@@ -41,6 +43,24 @@ class ShardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    out: str = "data/tokens"
+    views: int = 8  # V views per image, each tokenized once; the trainer cycles them by epoch
+    format: Literal["zarr", "parquet"] = "zarr"
+    batch_size: int = 256  # views per tokenizer forward
+    workers: int = 2  # LocalCluster worker processes
+    threads_per_worker: int = 1
+    scheduler: Optional[str] = None  # "tcp://host:8786": an existing Dask cluster instead
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: GPU workers, resources={"GPU": 1}
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ConfigError(f"tokenize.views={self.views}: must be >= 1")
+        if self.batch_size < 1 or self.workers < 1 or self.threads_per_worker < 1:
+            raise ConfigError("tokenize.batch_size, .workers and .threads_per_worker must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     seed: int = 0
     mask_ratio: float = 0.4
@@ -49,6 +69,8 @@ class Params:
     model: str = "micro"
     data: DataConfig = DataConfig()
     shard: ShardConfig = ShardConfig()
+    views: ViewConfig = ViewConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -89,7 +111,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r}: expected a number")
@@ -122,7 +144,12 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a section's own validation (e.g. ViewConfig ranges)
+        raise ConfigError(f"{where or 'params'}: {err}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -35,6 +35,9 @@ def test_repo_params_load_and_are_frozen():
         ({"mask_ratio": 1.2}, "mask_ratio=1.2: must be in"),
         ({"data": {"splits": "train"}}, "data.splits: expected a list"),
         ({"shard": {"strict": "yes"}}, "shard.strict='yes': expected true or false"),
+        ({"views": {"scale": [0.5]}}, "views.scale: expected 2 values, got 1"),
+        ({"views": {"scale": [0.9, 0.1]}}, "views: view scale=.*need 0 < min <= max"),
+        ({"tokenize": {"views": 0}}, "tokenize.views=0: must be >= 1"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, data, match):

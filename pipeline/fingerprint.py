@@ -1,0 +1,33 @@
+"""Stable fingerprints that tie derived data (tokens, models) to its inputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def stable_hash(*parts: object, digest_size: int = 8) -> int:
+    """A platform-, process- and order-independent integer hash (unlike hash())."""
+    h = hashlib.blake2b(digest_size=digest_size)
+    for part in parts:
+        h.update(repr(part).encode())
+        h.update(b"\x1f")
+    return int.from_bytes(h.digest(), "little")
+
+
+def json_fingerprint(obj: object) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def index_fingerprint(index_path: str | Path) -> str:
+    """Fingerprint of a split's shards: which sample sits where, with which content.
+    Computed from index.parquet columns, not file bytes, so it survives a re-write
+    of identical data with another pyarrow version."""
+    t = pq.read_table(index_path, columns=["key", "shard", "position", "sha256"])
+    h = hashlib.blake2b(digest_size=8)
+    for col in ("key", "shard", "position", "sha256"):
+        h.update("\n".join(map(str, t.column(col).to_pylist())).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()

@@ -1,0 +1,129 @@
+"""`beit tokenize`: every image x view -> visual tokens, offline, with Dask.
+
+One Dask task per data shard; each task tokenizes its shard and writes that
+shard's rows (whole Zarr chunks / one Parquet file) itself. A rerun skips
+shards already complete and verified, so a killed run resumes.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.dask_runner import ClusterConfig, dask_client, run_per_shard, worker_device
+from pipeline.fingerprint import index_fingerprint, json_fingerprint
+from pipeline.tokenize import tokenize_shard
+from pipeline.tokens import StoreSpec, TokenStoreMismatch, create_or_open, store_path, write_index
+from pipeline.views import View, ViewConfig
+from stages.config import ConfigError, Params, TokenizeConfig, load_params
+
+_TOKENIZERS: dict = {}  # per worker process: (path, fingerprint, device) -> tokenizer
+
+
+def _tokenizer(path: str, device: str):
+    from model.tokenizer import load_tokenizer
+
+    key = (path, device)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(path, device=device)
+    return _TOKENIZERS[key]
+
+
+def _task(s: int, *, shard_dir: str, token_out: str, split: str, fmt: str, spec: StoreSpec,
+          tokenizer_path: str, view_cfg: ViewConfig, seed: int,
+          batch_size: int, device: str, threads: int) -> dict:
+    """Runs on a Dask worker: tokenize data shard `s` and write its rows."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    dev = worker_device(device)
+    tok = _tokenizer(tokenizer_path, dev)
+    name = spec.shards[s]
+    keys = pq.read_table(Path(shard_dir) / "index.parquet", columns=["key"],
+                         filters=[("shard", "=", name)]).column("key").to_pylist()
+
+    @torch.inference_mode()
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return tok.encode(x.to(dev))
+
+    out_keys, tokens, views = tokenize_shard(
+        Path(shard_dir) / name, encode, tok.input_size, view_cfg, seed, spec.views,
+        batch_size, expected_keys=keys)
+    store = create_or_open(token_out, split, fmt, spec)  # opens; the driver created it
+    store.write_shard(s, out_keys, tokens, views)
+    return {"shard": s, "images": len(out_keys), "seconds": time.perf_counter() - start}
+
+
+def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
+                   cluster: Optional[ClusterConfig] = None) -> dict:
+    """Tokenize every shard of `split` not yet done; returns a summary."""
+    cfg: TokenizeConfig = params.tokenize
+    cluster = cluster or ClusterConfig(workers=cfg.workers, threads_per_worker=cfg.threads_per_worker,
+                                       scheduler=cfg.scheduler, device=cfg.device)
+    shard_dir = Path(params.shard.out) / split
+    index = shard_dir / "index.parquet"
+    if not index.exists():
+        raise ConfigError(f"{index}: missing; run `beit shard` first")
+    table = pq.read_table(index, columns=["key", "shard"]).to_pydict()
+    shards = list(dict.fromkeys(table["shard"]))
+    keys_by_shard: dict[str, list[str]] = {s: [] for s in shards}
+    for key, shard in zip(table["key"], table["shard"]):
+        keys_by_shard[shard].append(key)
+
+    tok = _tokenizer(str(tokenizer_path), "cpu")  # metadata only; workers load their own copy
+    if tok.vocab_size > np.iinfo(np.uint16).max + 1:
+        raise ConfigError(f"tokenizer vocab {tok.vocab_size} does not fit uint16 token ids")
+    spec = StoreSpec(
+        shards=tuple(shards), counts=tuple(len(keys_by_shard[s]) for s in shards),
+        views=cfg.views, grid=tuple(tok.grid), view_dim=View.K, vocab_size=tok.vocab_size,
+        fingerprints={"shards": index_fingerprint(index), "tokenizer": tok.fingerprint,
+                      "views": json_fingerprint({"seed": params.seed, "views": params.views,
+                                                 "input_size": tok.input_size})})
+    store = create_or_open(cfg.out, split, cfg.format, spec)
+    done = store.done()
+    todo = [s for s in range(len(shards)) if s not in done]
+    start = time.perf_counter()
+    if todo:
+        with dask_client(cluster) as client:
+            run_per_shard(
+                client, _task, todo, cfg=cluster,
+                images_per_shard={s: spec.counts[s] for s in todo}, desc=f"tokenize {split}",
+                shard_dir=str(shard_dir), token_out=cfg.out, split=split, fmt=cfg.format, spec=spec,
+                tokenizer_path=str(tokenizer_path), view_cfg=params.views, seed=params.seed,
+                batch_size=cfg.batch_size, device=cfg.device, threads=cluster.threads_per_worker)
+    seconds = time.perf_counter() - start
+    write_index(Path(cfg.out) / f"{split}.index.parquet", spec, [keys_by_shard[s] for s in shards])
+    images = sum(spec.counts[s] for s in todo)
+    return {"split": split, "shards": len(shards), "skipped_done": len(done),
+            "images": images, "views": cfg.views, "seconds": round(seconds, 2),
+            "image_views_per_s": round(images * cfg.views / seconds, 1) if seconds > 0 else None,
+            "store": str(store_path(cfg.out, split, cfg.format))}
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--split", "splits", multiple=True, help="Split(s) to tokenize [default: data.splits].")
+@click.option("--tokenizer", "tokenizer_path", default="models/tokenizer", show_default=True,
+              help="Folder with the tokenizer's safetensors + JSON config.")
+@click.option("--workers", type=int, help="Override tokenize.workers.")
+@click.option("--scheduler", help="Override tokenize.scheduler (tcp://host:8786).")
+def cli(params_path: str, splits: tuple[str, ...], tokenizer_path: str, workers: Optional[int],
+        scheduler: Optional[str]) -> None:
+    """Precompute visual tokens for every image view into data/tokens/<split>.zarr."""
+    try:
+        params = load_params(params_path)
+        cfg = params.tokenize
+        cluster = ClusterConfig(workers=workers or cfg.workers, threads_per_worker=cfg.threads_per_worker,
+                                scheduler=scheduler or cfg.scheduler, device=cfg.device)
+        if not Path(tokenizer_path, "config.json").exists():
+            raise ConfigError(f"{tokenizer_path}: no tokenizer; run `beit train-tokenizer` "
+                              f"or `beit convert-dalle`")
+        for split in splits or params.data.splits:
+            summary = tokenize_split(params, split, tokenizer_path, cluster)
+            click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+    except (ConfigError, TokenStoreMismatch) as err:
+        raise click.ClickException(str(err)) from None
