@@ -14,6 +14,7 @@ COMMANDS = {
     "fetch-data": "stages.fetch_data:cli",
     "shard": "stages.shard:cli",
     "tokenize": "stages.tokenize:cli",
+    "pretrain": "stages.pretrain:cli",
 }
 
 

@@ -40,6 +40,7 @@ class ShardConfig:
     strict: bool = False
     max_pixels: int = 89_478_485
     jpeg_quality: int = 95
+    verify: bool = False  # fully decode pass-through JPEGs too (slow; default checks header + EOI)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,38 @@ class TokenizeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    out: str = "models/pretrain"
+    runs: str = "runs"  # untracked: resumable checkpoints under runs/pretrain-<params fingerprint>
+    epochs: int = 10
+    batch_size: int = 128  # global: per optimizer step, over all ranks and accumulation steps
+    accum_steps: int = 1
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: Optional[float] = 3.0
+    drop_path: Optional[float] = None  # None: the model size's default
+    min_block: Optional[int] = None  # None: 16 patches scaled to the grid (pipeline.masking)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 2000
+    checkpoint_every: int = 200  # optimizer steps
+    log_every: int = 10
+    eval_batches: int = 20  # held-out batches for the final masked-token accuracy
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
+            raise ConfigError("pretrain.epochs, .batch_size and .accum_steps must be >= 1")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(f"pretrain.batch_size={self.batch_size} must be a multiple of "
+                              f"pretrain.accum_steps={self.accum_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     seed: int = 0
     mask_ratio: float = 0.4
@@ -71,6 +104,7 @@ class Params:
     shard: ShardConfig = ShardConfig()
     views: ViewConfig = ViewConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

@@ -1,0 +1,129 @@
+"""The training step machinery shared by pretrain and finetune.
+
+Distributed setup (torchrun env -> DDP, gloo on CPU, nccl on GPU), AdamW with
+decay-free groups and lr scales, AMP (bf16 autocast; fp16 + GradScaler on
+GPU), gradient accumulation with `no_sync`, clipping, optional torch.compile.
+The loop itself stays in the stage so it reads top to bottom.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from model.optim import lr_at, param_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: Optional[float] = 3.0
+    layer_decay: Optional[float] = None  # finetune: lr scale per block
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    compile: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's environment; init the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local, dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Stepper:
+    """Owns model (maybe DDP-wrapped), optimizer, scaler; does one optimizer step
+    from `accum` micro-batches."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, env: Dist,
+                 num_layers: Optional[int] = None):
+        self.cfg, self.env = cfg, env
+        self.model = model.to(env.device)  # the plain module: state dicts, eval
+        groups = param_groups(self.model, cfg.weight_decay, layer_decay=cfg.layer_decay,
+                              num_layers=num_layers)
+        fused = env.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+        if cfg.amp == "fp16" and env.device.type != "cuda":
+            raise ValueError("amp=fp16 needs a GPU (its GradScaler); use amp=bf16 or none on CPU")
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
+        net = self.model
+        if env.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.net = torch.compile(net) if cfg.compile else net
+
+    def autocast(self):
+        if self.cfg.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.env.device.type, dtype=dtype)
+
+    def set_lr(self, step: int, total_steps: int, warmup_steps: int) -> float:
+        lr = lr_at(step, total_steps, warmup_steps, self.cfg.lr, self.cfg.min_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+    def step(self, micro_batches: list, loss_fn: Callable[[torch.nn.Module, dict], tuple]) -> dict:
+        """loss_fn(net, batch) -> (loss, metrics). Averages over micro-batches."""
+        n = len(micro_batches)
+        totals: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            # Skip the gradient all-reduce on all but the last micro-batch.
+            sync = i == n - 1 or not isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else self.net.no_sync()
+            with ctx:
+                with self.autocast():
+                    loss, metrics = loss_fn(self.net, batch)
+                self.scaler.scale(loss / n).backward()
+            totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item() / n
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / n
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                       self.cfg.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+
+def all_mean(values: dict[str, float], env: Dist) -> dict[str, float]:
+    """Average logged scalars over ranks (for honest metrics under DDP)."""
+    if env.world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return {k: float(v) / env.world for k, v in zip(keys, t.tolist())}
