@@ -1,0 +1,65 @@
+"""Builders for small end-to-end fixtures (synthetic Fashion-MNIST -> shards -> tokens)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.synthetic import write_fake_fashion_mnist
+from stages.config import Params, from_dict
+
+
+def tiny_params(tmp: Path, **sections) -> Params:
+    """Params for a run entirely inside `tmp` (paths are made absolute)."""
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["data"].update(root=str(tmp / "fm"))
+    raw["shard"].update(out=str(tmp / "shards"), shard_size=40, workers=1)
+    raw["tokenize"].update(out=str(tmp / "tokens"), views=3, workers=1, batch_size=50)
+    raw["pretrain"].update(out=str(tmp / "models/pretrain"), runs=str(tmp / "runs"))
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw[name].update(values)
+        else:
+            raw[name] = values
+    return from_dict(Params, raw)
+
+
+def make_shards(tmp: Path, params: Params, n_train: int = 120, n_test: int = 40) -> None:
+    from stages.shard import main as shard_main
+
+    write_fake_fashion_mnist(tmp / "fm", n_train, n_test)
+    shard_main(params, tuple(params.data.splits), progress=False)
+
+
+def fake_encode(x: torch.Tensor, patch: int = 4, levels: int = 64) -> torch.Tensor:
+    """A deterministic stand-in tokenizer: quantised grey level of each patch.
+    float [B, 3, S, S] in [0, 1] -> long [B, S/patch, S/patch]."""
+    grey = x.mean(1, keepdim=True)  # [B, 1, S, S]
+    pooled = torch.nn.functional.avg_pool2d(grey, patch)  # [B, 1, h, w]
+    return (pooled[:, 0] * (levels - 1)).round().long()  # [B, h, w]
+
+
+def fake_tokens(params: Params, split: str, input_size: int = 32, fmt: str = "zarr"):
+    """Token store for `split` made by `fake_encode` through the real tokenize code."""
+    import pyarrow.parquet as pq
+
+    from pipeline.fingerprint import index_fingerprint, json_fingerprint
+    from pipeline.tokenize import tokenize_shard
+    from pipeline.tokens import StoreSpec, create_or_open
+    from pipeline.views import View
+
+    shard_dir = Path(params.shard.out) / split
+    shards = list(dict.fromkeys(pq.read_table(shard_dir / "index.parquet").column("shard").to_pylist()))
+    results = [tokenize_shard(shard_dir / s, fake_encode, input_size, params.views, params.seed,
+                              params.tokenize.views) for s in shards]
+    g = input_size // 4
+    spec = StoreSpec(shards=tuple(shards), counts=tuple(len(r[0]) for r in results),
+                     views=params.tokenize.views, grid=(g, g), view_dim=View.K, vocab_size=64,
+                     fingerprints={"shards": index_fingerprint(shard_dir / "index.parquet"),
+                                   "tokenizer": "fake", "views": json_fingerprint(params.views)})
+    store = create_or_open(params.tokenize.out, split, fmt, spec)
+    for s, r in enumerate(results):
+        store.write_shard(s, *r)
+    return store
