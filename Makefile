@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# dvc.yaml's commands call `beit`, so the venv's bin goes first on PATH.
 pipeline: venv
 	$(BIN)/beit fetch-data
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: venv
 	$(BIN)/python -m pytest -q
