@@ -94,6 +94,88 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """`beit finetune` and `beit scratch`: one recipe and budget, two inits."""
+
+    out: str = "models/finetune"
+    scratch_out: str = "models/scratch"
+    runs: str = "runs"  # untracked resumable checkpoints: runs/{finetune,scratch}-<fingerprint>
+    init: Optional[str] = None  # None: the pretrain checkpoint (pretrain.out); "unilm:PATH": an official .pth
+    label_fraction: float = 0.1  # stratified, seeded subset of the train labels (low-label regime)
+    epochs: int = 5
+    batch_size: int = 128  # global, per optimizer step
+    accum_steps: int = 1
+    lr: float = 2e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0.5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: Optional[float] = 0.75  # lr scale per block from the top; paper: 0.65 for base
+    clip_grad: Optional[float] = None
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Beta(a, a) mixing; 0 disables
+    cutmix: float = 1.0  # 0 disables
+    mix_prob: float = 1.0  # fraction of batches mixed at all
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (0.75, 1.333333)
+    flip_p: float = 0.5
+    color_jitter: float = 0.0  # brightness/contrast/saturation factor; 0: no jitter
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    eval_samples: Optional[int] = 2000  # per-epoch eval subset; the last epoch evaluates the whole split
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"finetune.label_fraction={self.label_fraction}: must be in (0, 1], e.g. 0.1")
+        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
+            raise ConfigError("finetune.epochs, .batch_size and .accum_steps must be >= 1")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(f"finetune.batch_size={self.batch_size} must be a multiple of "
+                              f"finetune.accum_steps={self.accum_steps}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"finetune.layer_decay={self.layer_decay}: must be in (0, 1] or null")
+        if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("finetune.drop_path and .label_smoothing must be in [0, 1)")
+        if min(self.mixup, self.cutmix) < 0 or not 0.0 <= self.mix_prob <= 1.0:
+            raise ConfigError("finetune.mixup/.cutmix must be >= 0 and .mix_prob in [0, 1]")
+        if self.init is not None and not self.init.startswith("unilm:"):
+            raise ConfigError(f"finetune.init={self.init!r}: must be null (the pretrain checkpoint) "
+                              "or unilm:PATH")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """`beit linear-probe` and `beit knn` on frozen pretrained features."""
+
+    runs: str = "runs"  # feature cache: runs/features-<fingerprint>/<split>.safetensors
+    block: Optional[int] = None  # features after this many blocks (1..depth); None: all (paper: 9 of 12 for base)
+    train_fraction: float = 0.25  # stratified subset of the train split used as probe/kNN training set
+    batch_size: int = 256  # feature extraction
+    num_workers: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = 30  # linear classifier on cached features
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    linear_batch_size: int = 512
+    knn_k: int = 20
+    knn_temperature: float = 0.07  # DINO's weighted vote: weight exp(cos / T)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"probe.train_fraction={self.train_fraction}: must be in (0, 1]")
+        if self.block is not None and self.block < 1:
+            raise ConfigError(f"probe.block={self.block}: must be >= 1 (blocks counted from 1) or null")
+        if self.knn_k < 1 or self.knn_temperature <= 0:
+            raise ConfigError("probe.knn_k must be >= 1 and probe.knn_temperature > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     seed: int = 0
     mask_ratio: float = 0.4
@@ -105,6 +187,8 @@ class Params:
     views: ViewConfig = ViewConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    probe: ProbeConfig = ProbeConfig()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

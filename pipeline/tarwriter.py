@@ -1,0 +1,81 @@
+"""A minimal, reproducible tar writer for WebDataset shards.
+
+Why not `tarfile` or `webdataset.ShardWriter`: both build a TarInfo per member
+and (ShardWriter) encode every sample through its handler table; on ~100 KB
+JPEGs that costs 2x in throughput. Here a member header is 512 bytes built
+from a constant template, and the output is byte-identical to
+`tarfile.open(format=tarfile.USTAR_FORMAT)` given TarInfo(mtime=0, uid=gid=0,
+uname=gname="", mode=0o644): no PAX headers, no timestamps, no user names, so
+the same members always give the same bytes (tests/test_shard_tar.py checks
+the equivalence against tarfile).
+"""
+from __future__ import annotations
+
+from typing import BinaryIO
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tarfile pads the archive to whole 10 KiB records; so do we
+MODE = 0o644
+
+
+def _octal(value: int, width: int) -> bytes:
+    # tarfile's itn(): width-1 octal digits, zero padded, then NUL.
+    return b"%0*o\0" % (width - 1, value)
+
+
+# Header fields after the name, up to chksum, which are the same for every member.
+_MODE_UID_GID = _octal(MODE, 8) + _octal(0, 8) + _octal(0, 8)
+_MTIME = _octal(0, 12)
+_AFTER_CHKSUM = (
+    b"0"  # typeflag: regular file
+    + bytes(100)  # linkname
+    + b"ustar\x0000"  # magic + version (POSIX ustar)
+    + bytes(32)  # uname
+    + bytes(32)  # gname
+    + bytes(8)  # devmajor (empty for regular files, as tarfile writes it)
+    + bytes(8)  # devminor
+    + bytes(155)  # prefix
+    + bytes(12)  # pad to 512
+)
+MAX_SIZE = 8**11 - 1  # 8 GiB: the most a ustar size field holds
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file `name` of `size` bytes."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than 100 bytes (ustar limit); use shorter keys")
+    if size > MAX_SIZE:
+        raise ValueError(f"tar member {name!r} is {size} bytes; ustar members must be < 8 GiB")
+    before = raw.ljust(100, b"\0") + _MODE_UID_GID + _octal(size, 12) + _MTIME
+    chksum = sum(before) + 8 * 32 + sum(_AFTER_CHKSUM)  # chksum field counts as 8 spaces
+    header = before + b"%06o\0 " % chksum + _AFTER_CHKSUM
+    assert len(header) == BLOCK
+    return header
+
+
+class TarWriter:
+    """Append regular files to an open binary stream; `close()` writes the end
+    blocks and pads to a whole record, as tarfile does. Does not close `fileobj`."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self._f = fileobj
+        self._offset = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        size = len(data)
+        self._f.write(member_header(name, size))
+        self._f.write(data)
+        pad = -size % BLOCK
+        if pad:
+            self._f.write(bytes(pad))
+        self._offset += BLOCK + size + pad
+
+    def close(self) -> int:
+        """Finish the archive; returns its total size in bytes."""
+        end = 2 * BLOCK
+        end += -(self._offset + end) % RECORD
+        self._f.write(bytes(end))
+        self._offset += end
+        return self._offset
+
