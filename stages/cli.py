@@ -13,8 +13,14 @@ import click
 COMMANDS = {
     "fetch-data": "stages.fetch_data:cli",
     "shard": "stages.shard:cli",
+    "convert-dalle": "stages.convert_dalle:cli",
     "tokenize": "stages.tokenize:cli",
     "pretrain": "stages.pretrain:cli",
+    "finetune": "stages.finetune:finetune_cli",
+    "scratch": "stages.finetune:scratch_cli",
+    "linear-probe": "stages.probe:linear_probe_cli",
+    "knn": "stages.probe:knn_cli",
+    "export-timm": "stages.export_timm:cli",
 }
 
 
