@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    workers: int = 2  # LocalCluster processes (ignored with `scheduler`)
+    workers: int = 2  # LocalCluster processes (ignored with `scheduler`); 0: in-process, no Dask
     threads_per_worker: int = 1  # torch threads per worker process, too
     scheduler: Optional[str] = None  # e.g. "tcp://host:8786": use an existing cluster
     device: str = "cpu"  # "cpu" | "cuda": with cuda, tasks ask for resources={"GPU": 1}
@@ -26,6 +26,10 @@ class ClusterConfig:
 
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
+    """A Dask client, or None for in-process execution (workers=0: debugging, tests)."""
+    if cfg.workers == 0 and not cfg.scheduler:
+        yield None
+        return
     from dask.distributed import Client, LocalCluster
 
     if cfg.scheduler:
@@ -80,11 +84,19 @@ def run_per_shard(
     Returns the tasks' stats dicts in completion order. A task that fails after
     its retries raises here, after the others have finished (so their work is kept).
     """
-    from dask.distributed import as_completed
-
     ids = list(shard_ids)
     if not ids:
         return []
+    total = sum(images_per_shard[s] for s in ids)
+    if client is None:  # in-process, in order
+        results = []
+        with tqdm(total=total, unit="img", desc=desc, smoothing=0.1) as bar:
+            for s in ids:
+                results.append(task(s, **task_kwargs))
+                bar.update(results[-1].get("images", 0))
+        return results
+    from dask.distributed import as_completed
+
     resources = {"GPU": 1} if cfg.device == "cuda" else None
     futures = [
         client.submit(task, s, pure=False, retries=cfg.retries, resources=resources,
@@ -92,7 +104,6 @@ def run_per_shard(
         for s in ids
     ]
     results, failures = [], []
-    total = sum(images_per_shard[s] for s in ids)
     with tqdm(total=total, unit="img", desc=desc, smoothing=0.1) as bar:
         for fut in as_completed(futures):
             try:

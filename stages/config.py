@@ -49,7 +49,7 @@ class TokenizeConfig:
     views: int = 8  # V views per image, each tokenized once; the trainer cycles them by epoch
     format: Literal["zarr", "parquet"] = "zarr"
     batch_size: int = 256  # views per tokenizer forward
-    workers: int = 2  # LocalCluster worker processes
+    workers: int = 2  # LocalCluster worker processes; 0: in-process without Dask (debugging)
     threads_per_worker: int = 1
     scheduler: Optional[str] = None  # "tcp://host:8786": an existing Dask cluster instead
     device: Literal["cpu", "cuda"] = "cpu"  # cuda: GPU workers, resources={"GPU": 1}
@@ -57,8 +57,8 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ConfigError(f"tokenize.views={self.views}: must be >= 1")
-        if self.batch_size < 1 or self.workers < 1 or self.threads_per_worker < 1:
-            raise ConfigError("tokenize.batch_size, .workers and .threads_per_worker must be >= 1")
+        if self.batch_size < 1 or self.workers < 0 or self.threads_per_worker < 1:
+            raise ConfigError("tokenize.batch_size and .threads_per_worker must be >= 1, .workers >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

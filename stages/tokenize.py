@@ -6,6 +6,7 @@ shards already complete and verified, so a killed run resumes.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -59,8 +60,11 @@ def _task(s: int, *, shard_dir: str, token_out: str, split: str, fmt: str, spec:
 
 
 def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
-                   cluster: Optional[ClusterConfig] = None) -> dict:
-    """Tokenize every shard of `split` not yet done; returns a summary."""
+                   cluster: Optional[ClusterConfig] = None, replace_stale: bool = False) -> dict:
+    """Tokenize every shard of `split` not yet done; returns a summary.
+
+    An existing store built from other shards/tokenizer/views is an error, or,
+    with `replace_stale` (what `dvc repro` uses), moved aside and rebuilt."""
     cfg: TokenizeConfig = params.tokenize
     cluster = cluster or ClusterConfig(workers=cfg.workers, threads_per_worker=cfg.threads_per_worker,
                                        scheduler=cfg.scheduler, device=cfg.device)
@@ -83,7 +87,15 @@ def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
         fingerprints={"shards": index_fingerprint(index), "tokenizer": tok.fingerprint,
                       "views": json_fingerprint({"seed": params.seed, "views": params.views,
                                                  "input_size": tok.input_size})})
-    store = create_or_open(cfg.out, split, cfg.format, spec)
+    try:
+        store = create_or_open(cfg.out, split, cfg.format, spec)
+    except TokenStoreMismatch as err:
+        if not replace_stale:
+            raise
+        stale = store_path(cfg.out, split, cfg.format)
+        click.echo(f"{err}\n-> replacing it (--replace-stale)")
+        shutil.rmtree(stale)
+        store = create_or_open(cfg.out, split, cfg.format, spec)
     done = store.done()
     todo = [s for s in range(len(shards)) if s not in done]
     start = time.perf_counter()
@@ -111,19 +123,21 @@ def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
               help="Folder with the tokenizer's safetensors + JSON config.")
 @click.option("--workers", type=int, help="Override tokenize.workers.")
 @click.option("--scheduler", help="Override tokenize.scheduler (tcp://host:8786).")
+@click.option("--replace-stale", is_flag=True,
+              help="Rebuild a store made from other shards/tokenizer/views instead of failing.")
 def cli(params_path: str, splits: tuple[str, ...], tokenizer_path: str, workers: Optional[int],
-        scheduler: Optional[str]) -> None:
+        scheduler: Optional[str], replace_stale: bool) -> None:
     """Precompute visual tokens for every image view into data/tokens/<split>.zarr."""
     try:
         params = load_params(params_path)
         cfg = params.tokenize
         cluster = ClusterConfig(workers=workers or cfg.workers, threads_per_worker=cfg.threads_per_worker,
                                 scheduler=scheduler or cfg.scheduler, device=cfg.device)
-        if not Path(tokenizer_path, "config.json").exists():
+        if not Path(tokenizer_path, "tokenizer.json").exists():
             raise ConfigError(f"{tokenizer_path}: no tokenizer; run `beit train-tokenizer` "
                               f"or `beit convert-dalle`")
         for split in splits or params.data.splits:
-            summary = tokenize_split(params, split, tokenizer_path, cluster)
+            summary = tokenize_split(params, split, tokenizer_path, cluster, replace_stale)
             click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
     except (ConfigError, TokenStoreMismatch) as err:
         raise click.ClickException(str(err)) from None
