@@ -177,7 +177,8 @@ def _to_chw_float(image: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 [H,W,3] array, got {image.dtype} {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [H,W,3] -> [3,H,W]
+        # Decoders may hand back read-only arrays; we only read, then convert to float.
+        t = torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)  # [H,W,3] -> [3,H,W]
     elif isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a uint8 [3,H,W] tensor, got {image.dtype} {tuple(image.shape)}")

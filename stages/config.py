@@ -65,6 +65,9 @@ class TokenizeConfig:
 class PretrainConfig:
     out: str = "models/pretrain"
     runs: str = "runs"  # untracked: resumable checkpoints under runs/pretrain-<params fingerprint>
+    metrics: str = "metrics/pretrain.json"
+    curve: str = "plots/pretrain.tsv"  # per-step TSV (DVC plot)
+    figure: str = "plots/pretrain.png"
     epochs: int = 10
     batch_size: int = 128  # global: per optimizer step, over all ranks and accumulation steps
     accum_steps: int = 1

@@ -43,7 +43,8 @@ def _model_overrides(params: Params, vocab_size: int) -> dict:
 def run_fingerprint(params: Params, token_fps: dict) -> str:
     """Everything that changes the trajectory; not output paths or logging cadence."""
     cfg = dataclasses.asdict(params.pretrain)
-    for k in ("out", "runs", "log_every", "checkpoint_every", "eval_batches", "device", "num_workers"):
+    for k in ("out", "runs", "metrics", "curve", "figure", "log_every", "checkpoint_every",
+              "eval_batches", "device", "num_workers"):
         cfg.pop(k)
     return json_fingerprint({"seed": params.seed, "mask_ratio": params.mask_ratio,
                              "masking": params.masking, "target": params.target,
@@ -180,10 +181,10 @@ def _pretrain(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
         config = {"model": params.model, **dataclasses.asdict(model.config),
                   "tokens": spec.fingerprints, "run": run_dir.name}
         save_checkpoint(cfg.out, stepper.model.state_dict(), config)
-        write_json("metrics/pretrain.json", metrics)
-        Path("plots").mkdir(exist_ok=True)
-        Path("plots/pretrain.tsv").write_text((run_dir / "log.tsv").read_text())
-        plot_curves("plots/pretrain.tsv", "plots/pretrain.png",
+        write_json(cfg.metrics, metrics)
+        Path(cfg.curve).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.curve).write_text((run_dir / "log.tsv").read_text())
+        plot_curves(cfg.curve, cfg.figure,
                     ["loss", "acc", "lr"] if params.target == "tokens" else ["loss", "lr"],
                     f"BEiT pretraining ({params.model}, {params.masking} masking {params.mask_ratio})")
     return metrics

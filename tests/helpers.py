@@ -17,7 +17,11 @@ def tiny_params(tmp: Path, **sections) -> Params:
     raw["data"].update(root=str(tmp / "fm"))
     raw["shard"].update(out=str(tmp / "shards"), shard_size=40, workers=1)
     raw["tokenize"].update(out=str(tmp / "tokens"), views=3, workers=1, batch_size=50)
-    raw["pretrain"].update(out=str(tmp / "models/pretrain"), runs=str(tmp / "runs"))
+    raw["pretrain"].update(out=str(tmp / "models/pretrain"), runs=str(tmp / "runs"),
+                           metrics=str(tmp / "metrics/pretrain.json"),
+                           curve=str(tmp / "plots/pretrain.tsv"), figure=str(tmp / "plots/pretrain.png"),
+                           batch_size=16, epochs=2, warmup_epochs=0.5, num_workers=0,
+                           shuffle_buffer=50, log_every=1, eval_batches=2)
     for name, values in sections.items():
         if isinstance(values, dict):
             raw[name].update(values)
