@@ -226,13 +226,17 @@ def timm_export(model: BeitMIM, per_layer_rel_pos: bool = True) -> tuple[dict[st
         table = sd.pop("rel_pos_bias.relative_position_bias_table")  # [(2h-1)(2w-1)+3, heads]
         for i in range(c.depth):
             sd[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
-    kwargs = dict(
+    return sd, timm_kwargs(c, per_layer_rel_pos)
+
+
+def timm_kwargs(c: BeitConfig, per_layer_rel_pos: bool = True) -> dict:
+    """timm `Beit(**kwargs)` arguments for the encoder described by `c` (mean-pooling head)."""
+    return dict(
         img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
         depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias,
         init_values=c.layer_scale_init, use_abs_pos_emb=c.abs_pos_emb, global_pool="avg",
         use_rel_pos_bias=per_layer_rel_pos, use_shared_rel_pos_bias=not per_layer_rel_pos,
     )
-    return sd, kwargs
 
 
 # ---- registry ---------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""BEiT image classifier: the encoder of model/beit.py with a mean-pooling head.
+
+Built on timm's `Beit` (the same timm blocks our MIM encoder uses), so
+parameter names are timm's and the layer-decay rules in model/optim.py apply
+unchanged: patch_embed / cls_token / pos_embed -> layer 0, blocks.i -> i+1,
+fc_norm / head -> top. The state dict *is* a timm `beit_*` state dict, which
+makes `export-timm` of a fine-tuned model a plain copy.
+
+Fine-tuning recipe pieces (paper Sec. 2.6 / App. C, unilm's run_class_finetuning):
+* mean of the patch tokens (no CLS) -> LayerNorm (fc_norm) -> linear head;
+  no final `norm` on the token sequence (timm: norm = Identity with avg pooling);
+* the shared relative position bias copied into every block, so layers can diverge;
+* head weights scaled down at init (init_scale 0.001);
+* drop path (stochastic depth), linear over depth.
+
+Every way to build one goes through `from_encoder(BeitMIM)`, so a fine-tuned
+model and its from-scratch baseline differ only in the encoder weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+from timm.models.beit import Beit
+
+from model.beit import BeitConfig, BeitMIM, timm_export, timm_kwargs
+from model.checkpoints import load_checkpoint
+
+HEAD_KEYS = ("fc_norm.", "head.")  # what a pretrained encoder does not provide
+
+
+class BeitClassifier(Beit):
+    """forward(images [B, C, H, W]) -> logits [B, K]; pooled(images, block) -> [B, D]."""
+
+    def __init__(self, config: BeitConfig, num_classes: int, drop_path: Optional[float] = None,
+                 head_init_scale: float = 0.001):
+        if num_classes < 0:
+            raise ValueError(f"num_classes={num_classes}: must be >= 0 (0: no head)")
+        rate = config.drop_path if drop_path is None else drop_path
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path={rate}: must be in [0, 1)")
+        super().__init__(**timm_kwargs(config), num_classes=num_classes, drop_path_rate=rate,
+                         head_init_scale=head_init_scale)
+        self.config = config
+        self.drop_path = rate
+
+    # ---- construction ----------------------------------------------------------
+    @classmethod
+    def from_encoder(cls, encoder: BeitMIM, num_classes: int, drop_path: Optional[float] = None,
+                     head_init_scale: float = 0.001) -> "BeitClassifier":
+        """Encoder weights from a BeitMIM (pretrained or freshly initialised); fresh
+        fc_norm and head. mask_token, lm_head and the MIM `norm` are dropped."""
+        model = cls(encoder.config, num_classes, drop_path, head_init_scale)
+        sd, _ = timm_export(encoder, per_layer_rel_pos=True)
+        model.load_encoder(sd)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str | Path, num_classes: int, drop_path: Optional[float] = None,
+                        head_init_scale: float = 0.001) -> "BeitClassifier":
+        """From a `beit pretrain` checkpoint directory (models/pretrain)."""
+        return cls.from_encoder(load_encoder(ckpt_dir), num_classes, drop_path, head_init_scale)
+
+    def load_encoder(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load timm-layout encoder weights; fc_norm/head may be absent (kept fresh) or
+        present with a matching shape. Anything else missing or extra is an error."""
+        own = self.state_dict()
+        sd = {k: v for k, v in sd.items()
+              if not (k.startswith(HEAD_KEYS) and (k not in own or own[k].shape != v.shape))}
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(HEAD_KEYS)]
+        if missing or unexpected:
+            raise ValueError(f"encoder weights do not fit {self.config}: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+
+    def checkpoint_config(self, **extra) -> dict:
+        """JSON for model.checkpoints.save_checkpoint; `load_classifier` reads it back."""
+        return {"kind": "classifier", "beit": dataclasses.asdict(self.config),
+                "num_classes": self.num_classes, "drop_path": self.drop_path,
+                "timm_kwargs": timm_kwargs(self.config), **extra}
+
+    # ---- features ----------------------------------------------------------------
+    def forward_blocks(self, images: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:
+        """Token sequence after the first `num_blocks` blocks (all when None), before
+        any norm: [B, C, H, W] -> [B, 1+N, D]."""
+        n = len(self.blocks) if num_blocks is None else num_blocks
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"block={num_blocks}: must be in 1..{len(self.blocks)}")
+        x = self.patch_embed(images)  # [B, N, D]
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [B, 1+N, D]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed  # [B, 1+N, D]
+        for blk in self.blocks[:n]:
+            x = blk(x, shared_rel_pos_bias=None)  # [B, 1+N, D]; per-block tables
+        return x
+
+    def pooled(self, images: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:
+        """Average of the patch tokens (no CLS) after `num_blocks` blocks: [B, D]
+        (paper App. D's linear-probe feature; no fc_norm)."""
+        return self.forward_blocks(images, num_blocks)[:, 1:].mean(dim=1)  # [B, D]
+
+
+def _beit_config(raw: dict) -> BeitConfig:
+    fields = {f.name for f in dataclasses.fields(BeitConfig)}
+    return BeitConfig(**{k: v for k, v in raw.items() if k in fields})
+
+
+def load_encoder(ckpt_dir: str | Path) -> BeitMIM:
+    """The BeitMIM saved by `beit pretrain` (its config.json holds BeitConfig's fields)."""
+    sd, config = load_checkpoint(ckpt_dir)
+    if config.get("kind") == "classifier":
+        raise ValueError(f"{ckpt_dir}: a fine-tuned classifier, not a pretrained encoder; "
+                         "use load_classifier")
+    model = BeitMIM(_beit_config(config))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:
+    """A checkpoint written by `beit finetune` / `beit scratch`."""
+    sd, config = load_checkpoint(ckpt_dir)
+    if config.get("kind") != "classifier":
+        raise ValueError(f"{ckpt_dir}: not a classifier checkpoint (no kind=classifier in config.json)")
+    model = BeitClassifier(_beit_config(config["beit"]), config["num_classes"], config["drop_path"])
+    model.load_state_dict(sd, strict=True)
+    return model

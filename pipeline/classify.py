@@ -1,0 +1,164 @@
+"""Labelled image streams for fine-tuning, linear probing and kNN.
+
+The same generator stages as the MIM loader (seeded shard permutation split
+over ranks and workers, tar samples, seeded shuffle buffer), without tokens:
+
+    shard list -> epoch_shards -> tar samples -> keep subset -> shuffle buffer (train)
+    -> decode + view -> {"image", "label"}
+
+Train view: RandomResizedCrop + flip drawn by `views.sample_view` from
+(seed, epoch, key), so an epoch's augmentations are reproducible and a resumed
+run sees exactly what an uninterrupted one saw. Colour jitter only when the
+ViewConfig enables it. Eval view: the whole image resized (`identity_view`).
+
+`label_subset` picks the low-label training subset: stratified per class,
+seeded, deterministic, a pure function of index.parquet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import webdataset as wds
+
+from pipeline.fingerprint import index_fingerprint, stable_hash
+from pipeline.images import decode_rgb
+from pipeline.loader import LoaderConfig, _rank_worker, epoch_shards, image_bytes, shuffle_buffer
+from pipeline.views import ViewConfig, apply_view, identity_view, sample_view
+
+
+def label_subset(index_path: str | Path, fraction: float, seed: int) -> frozenset[str]:
+    """Keys kept when training on `fraction` of the labels.
+
+    Per class: sort the keys (row order of the index must not matter), permute
+    them with an RNG seeded by (seed, class), keep the first round(fraction * n)
+    (at least one per class, so every class is seen). fraction 1.0 keeps all.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction={fraction}: must be in (0, 1], e.g. 0.1")
+    table = pq.read_table(index_path, columns=["key", "label"])
+    keys, labels = table.column("key").to_pylist(), table.column("label").to_pylist()
+    if fraction == 1.0:
+        return frozenset(keys)
+    by_class: dict[int, list[str]] = {}
+    for key, label in zip(keys, labels):
+        by_class.setdefault(int(label), []).append(key)
+    kept: list[str] = []
+    for label, members in sorted(by_class.items()):
+        members.sort()
+        rng = np.random.default_rng(stable_hash("label-fraction", seed, label))
+        n = max(1, int(round(fraction * len(members))))
+        kept.extend(members[i] for i in rng.permutation(len(members))[:n])
+    return frozenset(kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledSplit:
+    """A split's shards with the per-shard counts of *kept* samples.
+
+    Has the `shards`/`counts` that `pipeline.loader.epoch_steps` reads, so the
+    MIM loader's step arithmetic (equal steps on every DDP rank) is reused."""
+
+    shard_dir: Path
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+    keep: Optional[frozenset[str]]  # None: every sample
+    num_classes: int
+    fingerprint: str  # of the index (+ the subset), for run fingerprints and feature caches
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def open_labelled(shard_dir: str | Path, fraction: float = 1.0, seed: int = 0,
+                  num_classes: Optional[int] = None) -> LabelledSplit:
+    """Read index.parquet; keep a stratified `fraction` of it (see label_subset)."""
+    shard_dir = Path(shard_dir)
+    index = shard_dir / "index.parquet"
+    if not index.exists():
+        raise FileNotFoundError(f"{index}: missing; run `beit shard` (or `dvc repro shard`)")
+    table = pq.read_table(index, columns=["key", "shard", "label"])
+    keys, shard_col = table.column("key").to_pylist(), table.column("shard").to_pylist()
+    keep = None if fraction == 1.0 else label_subset(index, fraction, seed)
+    shards = tuple(dict.fromkeys(shard_col))  # first-appearance order == shard order
+    counts = dict.fromkeys(shards, 0)
+    for key, shard in zip(keys, shard_col):
+        if keep is None or key in keep:
+            counts[shard] += 1
+    if num_classes is None:
+        num_classes = int(max(table.column("label").to_pylist(), default=-1)) + 1
+    fp = index_fingerprint(index) + ("" if keep is None else f"-{fraction}-{seed}")
+    return LabelledSplit(shard_dir, shards, tuple(counts[s] for s in shards), keep, num_classes, fp)
+
+
+class ClassifyDataset(torch.utils.data.IterableDataset):
+    """One epoch of {"image": float [3, S, S] normalised, "label": int}
+    for this rank and DataLoader worker; `set_epoch` first.
+
+    train=True: shuffle buffer + a random view per (seed, epoch, key).
+    train=False: shard order as stored, identity view, no shuffling."""
+
+    def __init__(self, split: LabelledSplit, cfg: LoaderConfig, seed: int, train: bool,
+                 views: Optional[ViewConfig] = None):
+        super().__init__()
+        if train and views is None:
+            raise ValueError("a training ClassifyDataset needs a ViewConfig")
+        self.split, self.cfg, self.seed, self.train, self.views = split, cfg, seed, train, views
+        self.epoch = 0
+        self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self._std = torch.tensor(cfg.std).view(3, 1, 1)
+        # A seed of its own: tokenize's views are sample_view(seed, key, v) for v < V,
+        # and epoch e must not replay pretraining view e.
+        self._view_seed = stable_hash("classify-view", seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def make_sample(self, sample: dict) -> dict:
+        key = sample["__key__"].split("/")[-1]
+        image = decode_rgb(image_bytes(sample))  # uint8 [H, W, 3]
+        h, w = image.shape[:2]
+        if self.train:
+            view = sample_view(self._view_seed, key, self.epoch, w, h, self.views)
+        else:
+            view = identity_view(w, h)
+        x = apply_view(image, view, self.cfg.image_size)  # float [3, S, S] in [0, 1]
+        return {"image": (x - self._mean) / self._std, "label": int(sample["cls"])}
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = _rank_worker()
+        if self.train:
+            ids = epoch_shards(self.split.shards, self.seed, self.epoch, rank, world, worker, workers)
+        else:  # fixed order; ranks and workers still take disjoint shards
+            ids = list(range(len(self.split.shards)))[rank::world][worker::workers]
+        urls = [str(self.split.shard_dir / self.split.shards[i]) for i in ids]
+        stream = wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))
+        keep = self.split.keep
+        if keep is not None:
+            stream = (s for s in stream if s["__key__"].split("/")[-1] in keep)
+        if self.train:
+            rng = random.Random(stable_hash("cls-buffer", self.seed, self.epoch, rank, worker))
+            stream = shuffle_buffer(stream, self.cfg.shuffle_buffer, rng)
+        for sample in stream:
+            yield self.make_sample(sample)
+
+
+def eval_batches(dataset: ClassifyDataset, cfg: LoaderConfig, limit: Optional[int] = None
+                 ) -> Iterator[dict]:
+    """Every sample of the split once (no drop_last), at most `limit` samples."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
+                                         num_workers=cfg.num_workers, drop_last=False)
+    seen = 0
+    for batch in loader:
+        if limit is not None and seen >= limit:
+            break
+        if limit is not None and seen + len(batch["label"]) > limit:
+            batch = {k: v[: limit - seen] for k, v in batch.items()}
+        seen += len(batch["label"])
+        yield batch

@@ -1,0 +1,175 @@
+"""`beit linear-probe` and `beit knn`: how good are the frozen pretrained features?
+
+Features (paper App. D): the encoder from models/pretrain, frozen, run up to
+block `probe.block` (default: all blocks); the patch tokens are averaged
+(no CLS). Extracted once per (checkpoint, block, split, subset) into a cache
+under runs/features-<fingerprint>/ that both commands share.
+
+linear-probe: features standardised with the train mean/std (a BatchNorm
+without affine, as MAE/BEiT probes use), then one linear layer trained with
+AdamW + cosine schedule on the cached features (seconds, not minutes).
+knn: cosine similarity, k = probe.knn_k nearest train features, DINO's
+temperature-weighted vote (each neighbour votes exp(cos / T) for its class).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model.checkpoints import WEIGHTS
+from model.classifier import BeitClassifier
+from model.engine import setup_distributed
+from model.optim import lr_at
+from pipeline.classify import ClassifyDataset, LabelledSplit, eval_batches, open_labelled
+from pipeline.fingerprint import json_fingerprint
+from pipeline.loader import LoaderConfig
+from stages.config import ConfigError, Params, load_params
+from stages.finetune import file_digest, num_classes
+from stages.metrics import write_json
+
+
+@torch.no_grad()
+def extract_features(model: BeitClassifier, split: LabelledSplit, lcfg: LoaderConfig,
+                     block: Optional[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (features float [N, D], labels long [N]) over the (kept) split, stored order."""
+    model.eval().to(device)
+    data = ClassifyDataset(split, lcfg, seed=0, train=False)
+    feats, labels = [], []
+    for batch in eval_batches(data, lcfg):
+        feats.append(model.pooled(batch["image"].to(device), block).float().cpu())  # [B, D]
+        labels.append(batch["label"])  # [B]
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(params: Params, split_name: str, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of `split_name` (stratified `fraction` of it), computed once per fingerprint."""
+    cfg = params.probe
+    ckpt = Path(params.pretrain.out)
+    if not (ckpt / WEIGHTS).exists():
+        raise FileNotFoundError(f"{ckpt}: no pretrained checkpoint; run `beit pretrain` (or `dvc repro pretrain`)")
+    split = open_labelled(Path(params.shard.out) / split_name, fraction, params.seed)
+    fp = json_fingerprint({"ckpt": file_digest(ckpt / WEIGHTS), "block": cfg.block, "split": split.fingerprint,
+                           "image_size": params.data.image_size})
+    path = Path(cfg.runs) / f"features-{fp}" / f"{split_name}.safetensors"
+    if path.exists():
+        t = load_file(str(path))
+        return t["features"], t["labels"]
+    model = BeitClassifier.from_pretrained(ckpt, num_classes=0, drop_path=0.0)
+    lcfg = LoaderConfig(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        image_size=params.data.image_size)
+    t0 = time.perf_counter()
+    feats, labels = extract_features(model, split, lcfg, cfg.block, setup_distributed(cfg.device).device)
+    click.echo(f"features: {split_name} {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    tmp.replace(path)  # atomic: a killed run leaves no half-written cache
+    return feats, labels
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
+    """scores [M, K], labels [M] -> {"top1", "top5"} (top-k capped at K)."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=-1).indices  # [M, k]
+    hit = top == labels[:, None]  # [M, k]
+    return {"top1": hit[:, 0].float().mean().item(), "top5": hit.any(-1).float().mean().item()}
+
+
+def train_linear(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int, lr: float,
+                 weight_decay: float, batch_size: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Fit standardise -> Linear on features x [N, D], labels y [N] -> (linear, mean [D], std [D])."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # [D], [D]
+    z = (x - mean) / std  # [N, D]
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(x.shape[1], classes)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    opt = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    per_epoch = math.ceil(len(z) / batch_size)
+    total = epochs * per_epoch
+    for step in range(total):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(z), generator=g)
+        idx = order[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, 0, lr)
+        loss = F.cross_entropy(linear(z[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return linear, mean, std
+
+
+@torch.no_grad()
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int,
+               k: int, temperature: float, chunk: int = 1024) -> torch.Tensor:
+    """DINO's weighted kNN: train [N, D] / [N], test [M, D] -> class scores [M, K]."""
+    train_n = F.normalize(train_x, dim=1)  # [N, D]
+    k = min(k, len(train_n))
+    out = []
+    for start in range(0, len(test_x), chunk):
+        q = F.normalize(test_x[start:start + chunk], dim=1)  # [m, D]
+        sim, idx = (q @ train_n.T).topk(k, dim=1)  # [m, k] cosine similarities, neighbour ids
+        votes = torch.zeros(len(q), classes)  # [m, K]
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())  # each neighbour votes exp(cos/T)
+        out.append(votes)
+    return torch.cat(out)  # [M, K]
+
+
+def _data(params: Params):
+    p = params.probe
+    train_x, train_y = cached_features(params, params.data.train_split, p.train_fraction)
+    test_x, test_y = cached_features(params, params.data.eval_split, 1.0)
+    classes = num_classes(open_labelled(Path(params.shard.out) / params.data.train_split))
+    return train_x, train_y, test_x, test_y, classes
+
+
+def linear_probe(params: Params) -> dict:
+    p = params.probe
+    train_x, train_y, test_x, test_y, classes = _data(params)
+    linear, mean, std = train_linear(train_x, train_y, classes, p.epochs, p.lr, p.weight_decay,
+                                     p.linear_batch_size, params.seed)
+    with torch.no_grad():
+        test = topk_accuracy(linear((test_x - mean) / std), test_y)
+        train = topk_accuracy(linear((train_x - mean) / std), train_y)
+    metrics = {**test, "train_top1": train["top1"], "block": p.block or "last",
+               "train_samples": len(train_x), "eval_samples": len(test_x), "feature_dim": train_x.shape[1]}
+    write_json("metrics/linear_probe.json", metrics)
+    return metrics
+
+
+def knn(params: Params) -> dict:
+    p = params.probe
+    train_x, train_y, test_x, test_y, classes = _data(params)
+    scores = knn_scores(train_x, train_y, test_x, classes, p.knn_k, p.knn_temperature)
+    metrics = {**topk_accuracy(scores, test_y), "k": p.knn_k, "temperature": p.knn_temperature,
+               "vote": "temperature-weighted (DINO)", "block": p.block or "last",
+               "train_samples": len(train_x), "eval_samples": len(test_x)}
+    write_json("metrics/knn.json", metrics)
+    return metrics
+
+
+def _cli(fn, name: str, help_text: str):
+    @click.command(name=name, help=help_text)
+    @click.option("--params", "params_path", default="params.yaml", show_default=True)
+    def command(params_path: str) -> None:
+        try:
+            metrics = fn(load_params(params_path))
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(json.dumps(metrics, sort_keys=True))
+
+    return command
+
+
+linear_probe_cli = _cli(linear_probe, "linear-probe",
+                        "Linear classifier on frozen, average-pooled pretrained features.")
+knn_cli = _cli(knn, "knn", "Cosine kNN (k=probe.knn_k, temperature-weighted vote) on frozen features.")

@@ -1,0 +1,65 @@
+"""Linear probe and kNN on frozen features: the pure parts on synthetic features, the stages end to end."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_shards, tiny_params
+from model.beit import create_model
+from model.checkpoints import save_checkpoint
+from stages.probe import knn, knn_scores, linear_probe, topk_accuracy, train_linear
+
+torch.set_num_threads(1)
+
+
+def blobs(n_per: int, classes: int, dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 4
+    y = torch.arange(classes).repeat_interleave(n_per)  # [N]
+    return centres[y] + torch.randn(len(y), dim, generator=g), y
+
+
+def test_knn_weighted_vote():
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    train_y = torch.tensor([0, 0, 1])
+    scores = knn_scores(train_x, train_y, torch.tensor([[0.2, 1.0]]), classes=2, k=3, temperature=0.1)
+    # Votes are exp(cos / T) per neighbour, summed per class: class 1 has one very close neighbour.
+    cos = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0]]), dim=1) @ \
+        torch.nn.functional.normalize(train_x, dim=1).T  # [1, 3]
+    want = torch.tensor([[(cos[0, 0] / 0.1).exp() + (cos[0, 1] / 0.1).exp(), (cos[0, 2] / 0.1).exp()]])
+    torch.testing.assert_close(scores, want)
+    x, y = blobs(30, 4)
+    tx, ty = blobs(10, 4, seed=0)
+    assert topk_accuracy(knn_scores(x, y, tx, 4, k=20, temperature=0.07), ty)["top1"] > 0.95
+
+
+def test_linear_probe_learns_separable_features():
+    x, y = blobs(40, 5)
+    linear, mean, std = train_linear(x * 10 + 3, y, 5, epochs=20, lr=1e-2, weight_decay=0.0,
+                                     batch_size=32, seed=0)
+    acc = topk_accuracy(linear((x * 10 + 3 - mean) / std), y)
+    assert acc["top1"] > 0.95 and acc["top5"] == 1.0
+
+
+def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
+    params = tiny_params(tmp_path, probe={"runs": str(tmp_path / "runs"), "num_workers": 0, "batch_size": 32,
+                                          "train_fraction": 0.5, "epochs": 5, "block": 1})
+    make_shards(tmp_path, params, n_train=80, n_test=30)
+    torch.manual_seed(0)
+    mim = create_model(params.model, depth=2)
+    save_checkpoint(params.pretrain.out, mim.state_dict(), {"model": params.model, **dataclasses.asdict(mim.config)})
+    monkeypatch.chdir(tmp_path)
+    lp = linear_probe(params)
+    cache = sorted((tmp_path / "runs").glob("features-*/*.safetensors"))
+    assert sorted(p.name for p in cache) == ["test.safetensors", "train.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in cache]
+    kn = knn(params)
+    assert [p.stat().st_mtime_ns for p in cache] == stamps  # knn reused the probe's features
+    assert json.loads(Path("metrics/linear_probe.json").read_text()) == lp
+    assert json.loads(Path("metrics/knn.json").read_text()) == kn
+    assert lp["train_samples"] == 40 and lp["eval_samples"] == 30 and lp["feature_dim"] == 128
+    assert kn["k"] == 20 and 0.0 <= kn["top1"] <= kn["top5"] <= 1.0
