@@ -14,6 +14,7 @@ COMMANDS = {
     "fetch-data": "stages.fetch_data:cli",
     "shard": "stages.shard:cli",
     "convert-dalle": "stages.convert_dalle:cli",
+    "train-tokenizer": "stages.train_tokenizer:cli",
     "tokenize": "stages.tokenize:cli",
     "pretrain": "stages.pretrain:cli",
     "finetune": "stages.finetune:finetune_cli",
@@ -21,6 +22,7 @@ COMMANDS = {
     "linear-probe": "stages.probe:linear_probe_cli",
     "knn": "stages.probe:knn_cli",
     "export-timm": "stages.export_timm:cli",
+    "report": "stages.report:cli",
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from model.dvae import DVAEConfig, DVAESchedule
 from pipeline.views import ViewConfig
 
 
@@ -41,6 +42,36 @@ class ShardConfig:
     max_pixels: int = 89_478_485
     jpeg_quality: int = 95
     verify: bool = False  # fully decode pass-through JPEGs too (slow; default checks header + EOI)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """`beit train-tokenizer`: train our dVAE (kind dvae), or adopt a converted DALL-E one (kind dalle)."""
+
+    kind: Literal["dvae", "dalle"] = "dvae"
+    dalle_path: Optional[str] = None  # kind dalle: a directory written by `beit convert-dalle`
+    out: str = "models/tokenizer"  # what every downstream stage reads
+    metrics: str = "metrics/tokenizer.json"
+    curve: str = "plots/tokenizer.tsv"
+    figure: str = "plots/tokenizer.png"
+    recon: str = "plots/tokenizer_recon.png"
+    model: DVAEConfig = DVAEConfig()
+    schedule: DVAESchedule = DVAESchedule()
+    steps: int = 500
+    batch_size: int = 128
+    num_workers: int = 1  # DataLoader workers decoding + rendering views
+    shuffle_buffer: int = 2000
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_samples: Optional[int] = None  # held-out images scored; None: the whole eval split
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.kind == "dalle" and not self.dalle_path:
+            raise ConfigError("tokenizer.kind=dalle needs tokenizer.dalle_path (the folder `beit convert-dalle` wrote)")
+        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise ConfigError("tokenizer.steps, .batch_size and .log_every must be >= 1")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ConfigError(f"tokenizer.eval_samples={self.eval_samples}: must be >= 1 or null (whole split)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +210,15 @@ class ProbeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """`beit report`: this run's metrics beside the paper's, plus the DVC experiments table."""
+
+    out: str = "reports/results.md"
+    figure: str = "reports/results.png"
+    experiments: bool = True  # add the `dvc exp show --json` ablation table (skipped with a note if dvc fails)
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     seed: int = 0
     mask_ratio: float = 0.4
@@ -188,10 +228,12 @@ class Params:
     data: DataConfig = DataConfig()
     shard: ShardConfig = ShardConfig()
     views: ViewConfig = ViewConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     probe: ProbeConfig = ProbeConfig()
+    report: ReportConfig = ReportConfig()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

@@ -1,0 +1,414 @@
+"""`beit report`: this run's numbers beside the paper's, as Markdown + a bar chart.
+
+Reads whichever metric JSON files exist (a stage not run yet is listed as
+missing, never an error), puts them next to the BEiT paper's ImageNet-1k
+numbers with a caption saying the scales differ and only directions compare,
+and, when DVC experiments exist, adds the ablation table parsed from
+`dvc exp show --json` (a note instead when dvc is unavailable or fails).
+
+Everything but `cli` and `run_dvc_exp_show` is a pure function over dicts, so
+the tests need neither dvc nor trained models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from stages.config import ConfigError, Params, load_params
+
+# Paper (Bao et al. 2021), ImageNet-1k top-1 after fine-tuning, ViT-B/16 at 224 px.
+PAPER_HEADLINE = {"BEiT-B (800 ep pretraining)": 83.2, "DeiT-B from scratch": 81.8}
+# Paper Table 4 ablation: ViT-B, 300 pretraining epochs; (ImageNet top-1, ADE20K mIoU).
+PAPER_ABLATION = [
+    ("BEiT (blockwise masking, token targets)", "block", "tokens", 82.86, 44.65),
+    ("random masking", "random", "tokens", 82.77, 42.93),
+    ("pixel regression instead of tokens", "block", "pixels", 81.04, 41.38),
+    ("random masking + pixel regression", "random", "pixels", 80.50, 37.09),
+]
+EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
+
+
+def metric_sources(params: Any) -> dict[str, Optional[str]]:
+    """name -> metric JSON path each stage writes (None: this pipeline has no such path).
+
+    Paths come from params where params hold them (tokenizer.metrics, pretrain.metrics).
+    finetune/scratch/probe write fixed paths in their code (stages/finetune.py
+    `metrics/{kind}.json`, stages/probe.py), declared the same under `metrics:` in
+    dvc.yaml; tests/test_report.py checks that they agree.
+    """
+    return {
+        "tokenizer": params.tokenizer.metrics,
+        "pretrain": params.pretrain.metrics,
+        "finetune": "metrics/finetune.json",
+        "scratch": "metrics/scratch.json",
+        "linear_probe": "metrics/linear_probe.json",
+        "knn": "metrics/knn.json",
+    }
+
+
+def load_metrics(sources: dict[str, Optional[str]], root: str | Path = ".") -> dict[str, Optional[dict]]:
+    """name -> parsed JSON dict, or None when the file is missing/unconfigured/unreadable."""
+    out: dict[str, Optional[dict]] = {}
+    for name, rel in sources.items():
+        out[name] = None
+        if rel is None:
+            continue
+        path = Path(root) / rel
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        out[name] = data if isinstance(data, dict) else None
+    return out
+
+
+def _num(d: Optional[dict], key: str) -> Optional[float]:
+    v = (d or {}).get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _pct(d: Optional[dict], key: str) -> Optional[float]:
+    """Accuracy stored as a fraction -> percent."""
+    v = _num(d, key)
+    return None if v is None else 100.0 * v
+
+
+# (section, label, metrics name, key, kind, paper reference)  kind: pct | num
+ROWS = [
+    ("Fine-tuning", "fine-tune top-1 (%)", "finetune", "top1", "pct", "83.2 (BEiT-B)"),
+    ("Fine-tuning", "fine-tune top-5 (%)", "finetune", "top5", "pct", ""),
+    ("Fine-tuning", "scratch top-1 (%)", "scratch", "top1", "pct", "81.8 (DeiT-B)"),
+    ("Fine-tuning", "scratch top-5 (%)", "scratch", "top5", "pct", ""),
+    ("Frozen features", "linear probe top-1 (%)", "linear_probe", "top1", "pct", ""),
+    ("Frozen features", "kNN top-1 (%)", "knn", "top1", "pct", ""),
+    ("Pretraining", "masked-token accuracy, held out (%)", "pretrain", "eval_acc", "pct", ""),
+    ("Pretraining", "MIM loss, held out", "pretrain", "eval_loss", "num", "≈ ln(8192) = 9.01 at init (8192 codes)"),
+    ("Pretraining", "MIM loss, last train step", "pretrain", "train_loss", "num", ""),
+    ("Tokenizer", "codebook usage (% of codes)", "tokenizer", "codebook_usage", "pct", ""),
+    ("Tokenizer", "code perplexity", "tokenizer", "perplexity", "num", ""),
+    ("Tokenizer", "reconstruction MSE", "tokenizer", "recon_mse", "num", ""),
+]
+
+
+def result_rows(metrics: dict[str, Optional[dict]]) -> list[dict]:
+    """One row per reported number: section, label, value (None: missing), source, paper."""
+    rows = []
+    for section, label, name, key, kind, paper in ROWS:
+        d = metrics.get(name)
+        value = _pct(d, key) if kind == "pct" else _num(d, key)
+        rows.append({"section": section, "label": label, "value": value, "source": name,
+                     "present": d is not None, "paper": paper})
+    return rows
+
+
+def direction(metrics: dict[str, Optional[dict]]) -> Optional[dict]:
+    """Fine-tune minus scratch top-1 (points) against the paper's +1.4; None if either is missing."""
+    ft, sc = _pct(metrics.get("finetune"), "top1"), _pct(metrics.get("scratch"), "top1")
+    if ft is None or sc is None:
+        return None
+    paper = PAPER_HEADLINE["BEiT-B (800 ep pretraining)"] - PAPER_HEADLINE["DeiT-B from scratch"]
+    delta = ft - sc
+    return {"delta": delta, "paper_delta": paper, "same_direction": (delta > 0) == (paper > 0)}
+
+
+# ---- `dvc exp show --json` ------------------------------------------------------------------
+
+def _params_of(data: dict) -> dict:
+    files = data.get("params") or {}
+    if not isinstance(files, dict):
+        return {}
+    chosen = files.get("params.yaml")
+    if chosen is None and files:
+        chosen = next(iter(files.values()))
+    chosen = (chosen or {}).get("data") if isinstance(chosen, dict) else None
+    return chosen if isinstance(chosen, dict) else {}
+
+
+def _metric_of(data: dict, path: Optional[str], key: str) -> Optional[float]:
+    if path is None:
+        return None
+    files = data.get("metrics") or {}
+    if not isinstance(files, dict):
+        return None
+    want = Path(path).as_posix().removeprefix("./")
+    for name, entry in files.items():
+        if Path(str(name)).as_posix().removeprefix("./") == want and isinstance(entry, dict):
+            return _pct(entry.get("data") if isinstance(entry.get("data"), dict) else None, key)
+    return None
+
+
+def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str],
+             sources: dict[str, Optional[str]]) -> Optional[dict]:
+    data = entry.get("data") if isinstance(entry, dict) else None
+    if not isinstance(data, dict):
+        return None
+    rev = str(entry.get("rev") or data.get("rev") or "")
+    params = _params_of(data)
+    row = {"name": name or entry.get("name") or (rev[:7] if rev != "workspace" else "workspace"),
+           "rev": rev if rev == "workspace" else rev[:7], "kind": kind, "baseline": baseline,
+           "error": bool(entry.get("error"))}
+    row.update({k: params.get(k) for k in EXP_PARAMS})
+    row["finetune_top1"] = _metric_of(data, sources.get("finetune"), "top1")
+    row["scratch_top1"] = _metric_of(data, sources.get("scratch"), "top1")
+    return row
+
+
+def parse_exp_show(raw: Any, sources: dict[str, Optional[str]]) -> list[dict]:
+    """Rows (workspace, baseline commits, their experiments) from `dvc exp show --json` (dvc 3.x).
+
+    Tolerates missing/None fields and entries without data (failed or queued
+    experiments are skipped); anything that is not the expected list gives []."""
+    rows: list[dict] = []
+    if not isinstance(raw, list):
+        return rows
+    for top in raw:
+        if not isinstance(top, dict):
+            continue
+        is_ws = top.get("rev") == "workspace"
+        base = _exp_row(top, "workspace" if is_ws else "baseline", None, None, sources)
+        if base is not None:
+            rows.append(base)
+        base_name = top.get("name") or str(top.get("rev") or "")[:7]
+        for exp in top.get("experiments") or []:
+            if not isinstance(exp, dict):
+                continue
+            revs = [r for r in exp.get("revs") or [] if isinstance(r, dict)]
+            if not revs:
+                continue
+            row = _exp_row(revs[0], "experiment", exp.get("name") or revs[0].get("name"), base_name, sources)
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def run_dvc_exp_show(timeout: float = 300.0) -> tuple[Optional[list], str]:
+    """(parsed JSON, "") or (None, why not). Never raises."""
+    exe = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    if not Path(exe).exists():
+        return None, "dvc is not installed (no `dvc` on PATH)"
+    try:
+        proc = subprocess.run([exe, "exp", "show", "--json"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"`dvc exp show --json` failed: {err}"
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return None, f"`dvc exp show --json` failed: {why}"
+    try:
+        return json.loads(proc.stdout), ""
+    except ValueError:
+        return None, "`dvc exp show --json` printed no JSON"
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def scale_caption(context: dict) -> str:
+    return (f"**Different scales: compare directions, not values.** The paper trains ViT-B/16 on "
+            f"ImageNet-1k (1.28M images, 1000 classes, 224 px; 800 pretraining epochs, ablation 300, "
+            f"100 fine-tuning epochs, all labels). This run: model `{context.get('model')}` on "
+            f"`{context.get('source')}` at {context.get('image_size')} px, "
+            f"{context.get('pretrain_epochs')} pretraining / {context.get('finetune_epochs')} fine-tuning "
+            f"epochs, {_fmt(context.get('label_fraction'), 2)} of the labels. Only the direction is "
+            f"comparable: pretraining > from scratch, blockwise > random masking, tokens > pixels.")
+
+
+def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: dict[str, Optional[dict]],
+                    experiments: Optional[list[dict]], exp_note: str, figure: Optional[str] = None) -> str:
+    """The whole report; `experiments` None or without experiment rows -> `exp_note` instead of a table."""
+    lines = ["# BEiT pipeline results", ""]
+    lines.append("Run: " + ", ".join(f"{k}={_fmt(context.get(k))}" for k in
+                                     ("model", "source", "image_size", "mask_ratio", "masking", "target",
+                                      "seed")))
+    lines.append("")
+    lines += [scale_caption(context), ""]
+    if figure:
+        lines += [f"![results]({figure})", ""]
+
+    lines += ["## This run", ""]
+    body = []
+    for r in result_rows(metrics):
+        if r["present"]:
+            value = _fmt(r["value"], 2 if "%" in r["label"] else 4)
+        else:
+            value = "not run" if sources.get(r["source"]) else "no stage writes it"
+        body.append([r["section"], r["label"], value, f"`{sources.get(r['source']) or '—'}`", r["paper"] or ""])
+    lines += _table(["stage", "metric", "this run", "file", "paper (ViT-B, ImageNet-1k)"], body)
+    missing = [f"`{p}`" for n, p in sources.items() if p and metrics.get(n) is None]
+    unconfigured = [n for n, p in sources.items() if p is None]
+    if missing:
+        lines += ["", "Missing (stage not run yet): " + ", ".join(missing) + "."]
+    if unconfigured:
+        lines += ["", "No metrics file configured for: " + ", ".join(unconfigured) + "."]
+    d = direction(metrics)
+    lines.append("")
+    if d is None:
+        lines.append("Direction (fine-tune vs scratch): needs both `finetune` and `scratch` metrics.")
+    else:
+        verdict = "same direction as the paper" if d["same_direction"] else "opposite direction to the paper"
+        lines.append(f"Direction: fine-tune − scratch = {d['delta']:+.2f} points top-1 "
+                     f"(paper: {d['paper_delta']:+.1f}): **{verdict}**.")
+
+    lines += ["", "## Paper reference (Bao et al. 2021, arXiv 2106.08254)", ""]
+    lines += _table(["model", "ImageNet-1k top-1 (%)"], [[k, f"{v:.1f}"] for k, v in PAPER_HEADLINE.items()])
+    lines += ["", "Ablation (Table 4; ViT-B, 300 pretraining epochs):", ""]
+    lines += _table(["variant", "masking", "target", "top-1 (%)", "ADE20K mIoU"],
+                    [[n, m, t, f"{a:.2f}", f"{s:.2f}"] for n, m, t, a, s in PAPER_ABLATION])
+
+    lines += ["", "## DVC experiments (this pipeline's ablation)", ""]
+    exps = [r for r in (experiments or []) if r["kind"] == "experiment"]
+    if not exps:
+        lines.append(exp_note or "No DVC experiments yet: try `dvc exp run -S masking=random`, "
+                                 "`-S target=pixels`, `-S mask_ratio=0.3`, then `beit report`.")
+    else:
+        head = ["experiment", "rev", *EXP_PARAMS, "finetune top-1 (%)", "scratch top-1 (%)",
+                "finetune − scratch"]
+        body = []
+        for r in experiments or []:
+            delta = (r["finetune_top1"] - r["scratch_top1"]
+                     if r["finetune_top1"] is not None and r["scratch_top1"] is not None else None)
+            label = {"workspace": "workspace", "baseline": f"{r['name']} (baseline)"}.get(r["kind"], r["name"])
+            body.append([label, r["rev"], *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
+                         _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}"])
+        lines += _table(head, body)
+        lines += ["", f"{len(exps)} experiment(s) from `dvc exp show --json`; the paper's ablation "
+                      "above is the reference for the direction of each change."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[dict]], path: str | Path,
+                 context: dict) -> None:
+    """Bar chart: this run's top-1 numbers | the paper's | (if any) experiments' fine-tune top-1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [(label, _pct(metrics.get(name), "top1")) for label, name in
+            (("fine-tune", "finetune"), ("scratch", "scratch"), ("linear probe", "linear_probe"), ("kNN", "knn"))]
+    exps = [r for r in (experiments or []) if r["finetune_top1"] is not None]
+    show_exps = any(r["kind"] == "experiment" for r in exps)
+    fig, axes = plt.subplots(1, 3 if show_exps else 2, figsize=(15 if show_exps else 10.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    xs = range(len(ours))
+    ax.bar(xs, [v or 0.0 for _, v in ours], color=["C0", "C1", "C2", "C3"])
+    for x, (_, v) in zip(xs, ours):
+        ax.text(x, (v or 0.0) + 1, "not run" if v is None else f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [l for l, _ in ours])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"this run: {context.get('model')} on {context.get('source')}", fontsize=10)
+
+    ax = axes[0][1]
+    paper = [("BEiT-B", PAPER_HEADLINE["BEiT-B (800 ep pretraining)"], "C0"),
+             ("DeiT-B\nscratch", PAPER_HEADLINE["DeiT-B from scratch"], "C1")]
+    paper += [(lbl, a, "C4") for lbl, (_, _, _, a, _) in
+              zip(["abl: BEiT", "abl: random\nmask", "abl: pixel\ntarget", "abl: both"], PAPER_ABLATION)]
+    ax.bar(range(len(paper)), [v for _, v, _ in paper], color=[c for _, _, c in paper])
+    for x, (_, v, _) in enumerate(paper):
+        ax.text(x, v + 0.1, f"{v:.2f}".rstrip("0").rstrip("."), ha="center", fontsize=8)
+    ax.set_xticks(range(len(paper)), [l for l, _, _ in paper], fontsize=7)
+    ax.set_ylim(78, 84.5)  # the differences are ~1-2 points: note the axis starts at 78
+    ax.set_ylabel("top-1 (%), axis from 78")
+    ax.set_title("paper: ViT-B, ImageNet-1k (ablation: 300 ep)", fontsize=10)
+
+    if show_exps:
+        ax = axes[0][2]
+        labels = [f"{r['name']}\n{r['masking']}/{r['target']}/{_fmt(r['mask_ratio'])}" for r in exps]
+        ax.bar(range(len(exps)), [r["finetune_top1"] for r in exps],
+               color=["C5" if r["kind"] == "experiment" else "C7" for r in exps])
+        ax.set_xticks(range(len(exps)), labels, fontsize=6, rotation=30, ha="right")
+        ax.set_ylabel("fine-tune top-1 (%)")
+        ax.set_title("DVC experiments", fontsize=10)
+    for a in axes[0]:
+        a.grid(axis="y", alpha=0.3)
+    fig.suptitle("Different scales: only the direction is comparable with the paper", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def context_of(params: Params) -> dict:
+    return {"model": params.model, "source": params.data.source, "image_size": params.data.image_size,
+            "mask_ratio": params.mask_ratio, "masking": params.masking, "target": params.target,
+            "seed": params.seed, "pretrain_epochs": params.pretrain.epochs,
+            "finetune_epochs": params.finetune.epochs, "label_fraction": params.finetune.label_fraction}
+
+
+def report(params: Params, exp_json: Optional[list] = None, experiments: Optional[bool] = None,
+           root: str | Path = ".") -> dict:
+    """Write params.report.out (+ figure); `exp_json` replaces running `dvc exp show --json`."""
+    cfg = params.report
+    sources = metric_sources(params)
+    metrics = load_metrics(sources, root)
+    rows, note = None, ""
+    if exp_json is not None:
+        rows = parse_exp_show(exp_json, sources)
+    elif (cfg.experiments if experiments is None else experiments):
+        raw, note = run_dvc_exp_show()
+        rows = parse_exp_show(raw, sources) if raw is not None else None
+        if raw is not None and not rows:
+            note = "`dvc exp show --json` returned nothing usable."
+    else:
+        note = "Experiments table disabled (report.experiments: false / --no-experiments)."
+    if rows is not None and not any(r["kind"] == "experiment" for r in rows) and not note:
+        note = ("No DVC experiments yet: try `dvc exp run -S masking=random`, `-S target=pixels`, "
+                "`-S mask_ratio=0.3`, then `beit report`.")
+    out, fig = Path(root) / cfg.out, Path(root) / cfg.figure
+    context = context_of(params)
+    plot_results(metrics, rows, fig, context)
+    text = render_markdown(context, sources, metrics, rows, note,
+                           figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return {"report": str(cfg.out), "figure": str(cfg.figure),
+            "metrics_found": sorted(n for n, d in metrics.items() if d is not None),
+            "experiments": sum(r["kind"] == "experiment" for r in rows or [])}
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--experiments/--no-experiments", default=None,
+              help="Include the `dvc exp show --json` table [default: report.experiments].")
+@click.option("--exp-json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Use this saved `dvc exp show --json` output instead of running dvc.")
+def cli(params_path: str, experiments: Optional[bool], exp_json: Optional[str]) -> None:
+    """Write reports/results.md + results.png: this run's metrics beside the paper's."""
+    try:
+        params = load_params(params_path)
+        raw = json.loads(Path(exp_json).read_text()) if exp_json else None
+        summary = report(params, raw, experiments)
+    except (ConfigError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(summary, sort_keys=True))
+
+
+if __name__ == "__main__":
+    cli()
