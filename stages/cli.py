@@ -45,3 +45,7 @@ def main() -> None:
     Each command reads params.yaml (override with --params) and does what
     its DVC stage does; options override single params.
     """
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m stages.cli <stage> ...
+    main()
