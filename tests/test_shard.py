@@ -295,3 +295,28 @@ def test_key_collisions_are_detected():
         check_unique([Entry("k", "a.jpg", 0, 1), Entry("k", "b.jpg", 0, 1)])
     with pytest.raises(SourceError, match="must not contain"):
         check_unique([Entry("a.b", "a.jpg", 0, 1)])
+
+
+def test_failed_publish_surfaces_and_leaves_shard_incomplete(tmp_path, photo, monkeypatch):
+    """fsync + rename + sidecar run on a helper thread while the next shard is written; a failure
+    there must still stop the run, and that shard must not look complete."""
+    make_folder(tmp_path / "src", photo)
+    run(tmp_path / "src", tmp_path / "ref")
+    real, calls = os.fsync, []
+
+    def failing(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(shards.os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        run(tmp_path / "src", tmp_path / "out")
+    monkeypatch.setattr(shards.os, "fsync", real)
+    out = tmp_path / "out" / "train"
+    assert (out / "train-000000.stats.json").exists() and (out / "train-000000.tar").exists()
+    assert not (out / "train-000001.stats.json").exists() and not (out / "index.parquet").exists()
+    summary = run(tmp_path / "src", tmp_path / "out")
+    assert summary.shards_written == 3
+    assert tars(out) == tars(tmp_path / "ref" / "train") and not list(out.glob("*.tmp"))

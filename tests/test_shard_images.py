@@ -155,3 +155,20 @@ def test_corrupt_jpeg_body_is_caught_by_verify(photo):
 def test_decode_rgb_rejects_garbage():
     with pytest.raises(ValueError):
         decode_rgb(b"not an image")
+
+
+def test_resize_writes_hwc_directly_same_pixels_as_interpolate():
+    """resize_rgb has torch write into an HWC buffer (no copy back from CHW); it must give
+    exactly what F.interpolate(bicubic, antialias) gives, for odd shapes too."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from pipeline.images import resize_rgb
+
+    rng = np.random.default_rng(0)
+    for h, w, th, tw in ((375, 500, 256, 341), (1, 50, 1, 20), (61, 7, 30, 4)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(th, tw), mode="bicubic", antialias=True)
+        out = resize_rgb(img, tw, th)
+        assert out.shape == (th, tw, 3) and out.flags.c_contiguous
+        assert np.array_equal(out, ref[0].permute(1, 2, 0).numpy())
