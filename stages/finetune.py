@@ -253,10 +253,11 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
         out = cfg.scratch_out if scratch else cfg.out
         save_checkpoint(out, stepper.model.state_dict(),
                         model.checkpoint_config(model=params.model, init=init_fp, run=run_dir.name))
-        write_json(f"metrics/{kind}.json", metrics)
-        Path("plots").mkdir(exist_ok=True)
-        Path(f"plots/{kind}.tsv").write_text((run_dir / "log.tsv").read_text())
-        plot_curves(f"plots/{kind}.tsv", f"plots/{kind}.png", ["loss", "eval_top1", "lr"],
+        write_json(cfg.scratch_metrics if scratch else cfg.metrics, metrics)
+        curve = Path(cfg.scratch_curve if scratch else cfg.curve)
+        curve.parent.mkdir(parents=True, exist_ok=True)
+        curve.write_text((run_dir / "log.tsv").read_text())
+        plot_curves(curve, cfg.scratch_figure if scratch else cfg.figure, ["loss", "eval_top1", "lr"],
                     f"{kind} ({params.model}, {cfg.label_fraction:g} of the labels)")
     return metrics
 

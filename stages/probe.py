@@ -142,7 +142,7 @@ def linear_probe(params: Params) -> dict:
         train = topk_accuracy(linear((train_x - mean) / std), train_y)
     metrics = {**test, "train_top1": train["top1"], "block": p.block or "last",
                "train_samples": len(train_x), "eval_samples": len(test_x), "feature_dim": train_x.shape[1]}
-    write_json("metrics/linear_probe.json", metrics)
+    write_json(p.linear_metrics, metrics)
     return metrics
 
 
@@ -153,7 +153,7 @@ def knn(params: Params) -> dict:
     metrics = {**topk_accuracy(scores, test_y), "k": p.knn_k, "temperature": p.knn_temperature,
                "vote": "temperature-weighted (DINO)", "block": p.block or "last",
                "train_samples": len(train_x), "eval_samples": len(test_x)}
-    write_json("metrics/knn.json", metrics)
+    write_json(p.knn_metrics, metrics)
     return metrics
 
 

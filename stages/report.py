@@ -39,18 +39,15 @@ EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc 
 def metric_sources(params: Any) -> dict[str, Optional[str]]:
     """name -> metric JSON path each stage writes (None: this pipeline has no such path).
 
-    Paths come from params where params hold them (tokenizer.metrics, pretrain.metrics).
-    finetune/scratch/probe write fixed paths in their code (stages/finetune.py
-    `metrics/{kind}.json`, stages/probe.py), declared the same under `metrics:` in
-    dvc.yaml; tests/test_report.py checks that they agree.
+    Every path comes from params, the same values dvc.yaml interpolates.
     """
     return {
         "tokenizer": params.tokenizer.metrics,
         "pretrain": params.pretrain.metrics,
-        "finetune": "metrics/finetune.json",
-        "scratch": "metrics/scratch.json",
-        "linear_probe": "metrics/linear_probe.json",
-        "knn": "metrics/knn.json",
+        "finetune": params.finetune.metrics,
+        "scratch": params.finetune.scratch_metrics,
+        "linear_probe": params.probe.linear_metrics,
+        "knn": params.probe.knn_metrics,
     }
 
 

@@ -174,9 +174,13 @@ def test_report_says_when_dvc_fails(tmp_path, params, monkeypatch):
 
 def test_metric_paths_follow_params(tmp_path, params):
     fake = SimpleNamespace(pretrain=SimpleNamespace(metrics="m/pre.json"),
-                           tokenizer=SimpleNamespace(metrics="metrics/tok.json"))
+                           tokenizer=SimpleNamespace(metrics="metrics/tok.json"),
+                           finetune=SimpleNamespace(metrics="f.json", scratch_metrics="s.json"),
+                           probe=SimpleNamespace(linear_metrics="l.json", knn_metrics="k.json"))
     sources = rep.metric_sources(fake)
     assert sources["tokenizer"] == "metrics/tok.json" and sources["pretrain"] == "m/pre.json"
+    assert (sources["finetune"], sources["scratch"], sources["linear_probe"], sources["knn"]) == (
+        "f.json", "s.json", "l.json", "k.json")
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/tok.json").write_text(json.dumps(
         {"codebook_usage": 0.5, "perplexity": 301.5, "recon_mse": 0.0123}))
@@ -228,10 +232,3 @@ def test_metric_sources_match_dvc_yaml(params):
     assert "stages/report.py" in deps
     outs = {_resolve(p, raw): opts for e in dvc["report"]["outs"] for p, opts in e.items()}
     assert outs == {params.report.out: {"cache": False}, params.report.figure: {"cache": False}}
-
-
-def test_finetune_and_probe_code_write_those_paths():
-    """The stages hard-code these paths (params hold none); catch a rename on either side."""
-    assert 'write_json(f"metrics/{kind}.json"' in (REPO / "stages/finetune.py").read_text()
-    probe = (REPO / "stages/probe.py").read_text()
-    assert 'write_json("metrics/linear_probe.json"' in probe and 'write_json("metrics/knn.json"' in probe
