@@ -24,10 +24,6 @@ from __future__ import annotations
 import os
 import sys
 
-# `python bench/shard.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize (imported by inspect, linecache, ...): drop it before any other import.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import io  # noqa: E402
 import resource  # noqa: E402

@@ -1,0 +1,267 @@
+"""Pretraining step and data-loader throughput, side by side in one run (medians of
+interleaved repeats).
+
+  step   (a) offline  one Stepper step with precomputed tokens as targets (our design)
+         (b) online   the reference design: the tokenizer encodes the batch's tokenizer
+                      view inside every step, then the same Stepper step
+         ratio online / offline = what offline tokens save per step. Two pairings:
+           micro  model `micro` (32 px, patch 4, 8x8) + the default dVAE (DVAEConfig(), 8x8)
+           dalle  model `tiny` (224 px, patch 16, 14x14, 12 x 192 wide) + the DALL-E encoder
+                  architecture at 112 px (14x14, 8192 codes); `--vit base` for ViT-B.
+                  Random weights everywhere (speed only).
+  loader (c) MIMDataset through pipeline.loader.batches(), 1 DataLoader worker process
+             (and num_workers=0, in-process), images/s after the first batch
+         (d) decode_rgb + apply_view alone on the same samples and views, one core
+         ratio loader / (d) = share of the per-core data limit the loader delivers
+         (target >= 90%), plus where the loader's extra time goes.
+
+Usage: .venv/bin/python bench/pretrain.py [--batch 128] [--dalle-batch 8] [--vit tiny]
+           [--repeats 3] [--threads 1] [--loader-images 3000] [--no-dalle]
+Default args finish in about 2.5 minutes on a 2-core shared box.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import click
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.beit import create_model  # noqa: E402
+from model.engine import Dist, OptimConfig, Stepper  # noqa: E402
+from pipeline.fingerprint import index_fingerprint, stable_hash  # noqa: E402
+from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.loader import LoaderConfig, MIMDataset, attach_tokens, batches, image_bytes, open_split  # noqa: E402
+from pipeline.masking import MaskGenerator, MaskingConfig  # noqa: E402
+from pipeline.tokens import StoreSpec, create_or_open, open_tokens  # noqa: E402
+from pipeline.views import View, ViewConfig, apply_view  # noqa: E402
+
+REAL = ROOT / "data" / "shards" / "train"
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def timed3(fn) -> float:
+    """Median of 3 passes (the breakdown runs each part alone, so noise hits each once)."""
+    return statistics.median(timed(fn) for _ in range(3))
+
+
+# ---------------------------------------------------------------- (a)/(b) step time
+
+
+def _loss(net, batch: dict):
+    return net(batch["image"], batch["mask"], batch["tokens"])
+
+
+def bench_step(name: str, vit: str, tokenizer, batch: int, repeats: int, steps: int, threads: int) -> float:
+    """Median seconds per step: offline vs online; returns the ratio."""
+    torch.manual_seed(0)
+    model = create_model(vit, vocab_size=tokenizer.vocab_size)
+    c = model.config
+    if tuple(tokenizer.grid) != c.grid:
+        raise ValueError(f"{name}: tokenizer grid {tokenizer.grid} != {vit} grid {c.grid}")
+    stepper = Stepper(model, OptimConfig(), Dist())
+    masks = MaskGenerator(c.grid, MaskingConfig(kind="block", mask_ratio=0.4))
+    rng = np.random.default_rng(0)
+    images = torch.rand(batch, 3, c.img_size, c.img_size) * 2 - 1  # normalised patch view
+    tok_view = torch.rand(batch, 3, tokenizer.input_size, tokenizer.input_size)  # [0,1] tokenizer view
+    mask = torch.from_numpy(np.stack([masks(rng).reshape(-1) for _ in range(batch)]))  # [B, N]
+    tokens = torch.randint(0, tokenizer.vocab_size, (batch, *c.grid))
+
+    def offline():
+        stepper.step([{"image": images, "mask": mask, "tokens": tokens}], _loss)
+
+    def online():
+        with torch.inference_mode():
+            ids = tokenizer.encode(tok_view)  # [B, h, w], the reference's per-step tokenization
+        stepper.step([{"image": images, "mask": mask, "tokens": ids.clone()}], _loss)
+
+    def encode_only():
+        with torch.inference_mode():
+            tokenizer.encode(tok_view)
+
+    torch.set_num_threads(threads)
+    offline(), online()  # warm-up
+    modes = {"a offline step": offline, "b online step": online, "  tokenizer encode alone": encode_only}
+    runs = {k: [] for k in modes}
+    names = list(modes)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            runs[k].append(timed(lambda: [modes[k]() for _ in range(steps)]) / steps)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\n{name}: {vit} ({c.img_size} px, patch {c.patch_size}, {c.depth}x{c.embed_dim}, {n_params:.1f}M) "
+          f"+ {tokenizer.kind} tokenizer at {tokenizer.input_size} px, batch {batch}, threads {threads}, "
+          f"{steps} step(s) x {repeats} repeats")
+    for k, m in med.items():
+        print(f"  {k:<26}{m * 1e3:10.1f} ms/step  {batch / m:8.1f} img/s  "
+              + " ".join(f"{x * 1e3:.0f}" for x in runs[k]))
+    ratio = med["b online step"] / med["a offline step"]
+    print(f"  online / offline step time: {ratio:.2f}x  (tokenizer = "
+          f"{med['  tokenizer encode alone'] / med['b online step'] * 100:.0f}% of an online step)")
+    return ratio
+
+
+# ---------------------------------------------------------------- (c)/(d) loader
+
+
+def loader_fixture(tmp: Path, n_images: int, n_shards: int, views: int):
+    """Subsets of the real train shards (or synthetic) + a token store with zero tokens
+    and the real views drawn by sample_view: what MIMDataset reads in pretraining."""
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("bench_tokenize", ROOT / "bench" / "tokenize_stage.py")
+    bt = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bt)
+    shard_dir = tmp / "shards" / "train"
+    source = bt.fashion_shards(shard_dir, n_shards, n_images // n_shards)
+    from pipeline.tokenize import tokenize_shard
+
+    tars = sorted(shard_dir.glob("*.tar"))
+    zero = lambda x: torch.zeros(x.shape[0], 8, 8, dtype=torch.long)  # noqa: E731
+    results = [tokenize_shard(t, zero, 32, ViewConfig(), 0, views, 256) for t in tars]
+    spec = StoreSpec(shards=tuple(t.name for t in tars), counts=tuple(len(r[0]) for r in results),
+                     views=views, grid=(8, 8), view_dim=View.K, vocab_size=1024,
+                     fingerprints={"shards": index_fingerprint(shard_dir / "index.parquet")})
+    store = create_or_open(tmp / "tokens", "train", "zarr", spec)
+    for s, r in enumerate(results):
+        store.write_shard(s, *r)
+    return source, open_split(shard_dir, store.path)
+
+
+def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int) -> float:
+    source, split = loader_fixture(tmp, n_images, 2, views)
+    masks = MaskGenerator((8, 8), MaskingConfig(kind="block", mask_ratio=0.4))
+    n = (split.num_samples // batch) * batch  # both paths drop partial batches... per worker
+    print(f"\nloader: {source}; {split.num_samples} images in {len(split.shards)} shards, 32 px, "
+          f"batch {batch}, {views} stored views, block masks 8x8")
+
+    # The same samples and views the loader renders in epoch 0, in memory, for (d).
+    store = open_tokens(split.token_path)
+    import webdataset as wds
+
+    samples = []
+    for s, name in enumerate(split.shards):
+        part = store.read_shard(s)
+        for row, smp in enumerate(wds.tarfile_to_samples()(iter([{"url": str(split.shard_dir / name)}]))):
+            key = smp["__key__"]
+            v = (0 + stable_hash("view", key)) % views
+            samples.append((image_bytes(smp), View.from_array(part.views[row][v])))
+
+    def decode_augment():
+        for data, view in samples[:n]:
+            apply_view(decode_rgb(data), view, 32)
+
+    def loader(workers: int):
+        cfg = LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=2000, image_size=32)
+        ds = MIMDataset(split, cfg, masks, seed=0)
+        it = batches(ds, cfg, epoch=0)
+        next(it)  # worker start-up, shuffle-buffer fill, first batch: not counted
+        t = time.perf_counter()
+        k = sum(1 for _ in it)
+        return k * batch, time.perf_counter() - t
+
+    rates: dict[str, list[float]] = {"d decode + augment": [], "c loader 1 worker": [], "c loader in-process": []}
+
+    def run(k: str) -> None:
+        torch.set_num_threads(1)
+        if k == "d decode + augment":
+            rates[k].append(n / timed(decode_augment))
+        else:
+            imgs, sec = loader(1 if "worker" in k else 0)
+            rates[k].append(imgs / sec)
+
+    names = list(rates)
+    decode_augment()  # warm-up
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            run(k)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    limit = med["d decode + augment"]
+    for k, m in med.items():
+        print(f"  {k:<26}{m:9.0f} img/s  {1e6 / m:7.1f} us/img  {m / limit * 100:6.1f}% of (d)   "
+              + " ".join(f"{x:.0f}" for x in rates[k]))
+
+    # Where the loader's extra time goes (in-process, one thread), per image.
+    torch.set_num_threads(1)
+    cfg = LoaderConfig(batch_size=batch, num_workers=0, image_size=32)
+    ds = MIMDataset(split, cfg, masks, seed=0)
+    stream_t = timed3(lambda: sum(1 for _ in attach_tokens(
+        wds.tarfile_to_samples()(iter([{"url": str(split.shard_dir / s)} for s in split.shards])),
+        open_tokens(split.token_path), split.shards)))
+    raw = list(attach_tokens(wds.tarfile_to_samples()(iter([{"url": str(split.shard_dir / s)}
+                                                            for s in split.shards])),
+                             open_tokens(split.token_path), split.shards))
+    m = len(raw)
+    made = [ds.make_sample(dict(x)) for x in raw]
+    make_t = timed3(lambda: [ds.make_sample(dict(x)) for x in raw])
+    mask_t = timed3(lambda: [masks(np.random.default_rng(stable_hash("mask", 0, 0, x["__key__"]))) for x in raw])
+    hash_t = timed3(lambda: [stable_hash("view", x["__key__"]) for x in raw])
+    norm_x = [apply_view(decode_rgb(image_bytes(x)), View.from_array(x["__views__"][0]), 32) for x in raw[:512]]
+    norm_t = timed3(lambda: [(x - ds._mean) / ds._std for x in norm_x]) * m / len(norm_x)
+    from torch.utils.data import default_collate
+
+    coll_t = timed3(lambda: [default_collate(made[i:i + batch]) for i in range(0, m - batch + 1, batch)])
+    da_t = timed3(lambda: [apply_view(decode_rgb(d), v, 32) for d, v in samples[:m]])
+    print("  per image, in-process, 1 thread (median of 3 passes each):")
+    for k, t in (("tar read + attach_tokens", stream_t), ("make_sample (all)", make_t),
+                 ("  of which decode+apply_view", da_t), ("  of which block mask + rng", mask_t),
+                 ("  of which stable_hash (view)", hash_t), ("  of which normalise", norm_t),
+                 ("default_collate", coll_t)):
+        print(f"    {k:<30}{t / m * 1e6:8.1f} us")
+    return med["c loader 1 worker"] / limit
+
+
+@click.command()
+@click.option("--batch", default=128, show_default=True, help="micro batch (pretrain.batch_size).")
+@click.option("--steps", default=2, show_default=True, help="micro steps per timed repeat.")
+@click.option("--dalle-batch", default=8, show_default=True)
+@click.option("--vit", default="tiny", show_default=True, help="ViT paired with DALL-E (tiny | small | base).")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--threads", default=1, show_default=True, help="torch threads for the step benches.")
+@click.option("--loader-images", default=3000, show_default=True)
+@click.option("--loader-batch", default=128, show_default=True)
+@click.option("--views", default=8, show_default=True)
+@click.option("--dalle/--no-dalle", default=True, show_default=True)
+def main(batch: int, steps: int, dalle_batch: int, vit: str, repeats: int, threads: int,
+         loader_images: int, loader_batch: int, views: int, dalle: bool) -> None:
+    from model.dalle import DalleConfig, DalleVAE
+    from model.dvae import DVAE, DVAEConfig
+    from model.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    summary = {}
+    summary["micro+dvae online/offline"] = bench_step(
+        "micro", "micro", Tokenizer(DVAE(DVAEConfig()), "dvae", "random"), batch, repeats, steps, threads)
+    if dalle:
+        summary[f"{vit}+dalle online/offline"] = bench_step(
+            "dalle", vit, Tokenizer(DalleVAE(DalleConfig()), "dalle", "random"), dalle_batch, repeats, 1, threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
+    try:
+        summary["loader 1 worker / decode+augment"] = bench_loader(tmp, loader_images, loader_batch, repeats, views)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\nsummary: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items())
+          + f"  (total bench {time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
