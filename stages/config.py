@@ -79,7 +79,7 @@ class TokenizeConfig:
     out: str = "data/tokens"
     views: int = 8  # V views per image, each tokenized once; the trainer cycles them by epoch
     format: Literal["zarr", "parquet"] = "zarr"
-    batch_size: int = 256  # views per tokenizer forward
+    batch_size: int = 64  # views per tokenizer forward
     workers: int = 2  # LocalCluster worker processes; 0: in-process without Dask (debugging)
     threads_per_worker: int = 1
     scheduler: Optional[str] = None  # "tcp://host:8786": an existing Dask cluster instead
@@ -133,6 +133,12 @@ class FinetuneConfig:
 
     out: str = "models/finetune"
     scratch_out: str = "models/scratch"
+    metrics: str = "metrics/finetune.json"
+    scratch_metrics: str = "metrics/scratch.json"
+    curve: str = "plots/finetune.tsv"  # per-step TSV (DVC plot)
+    scratch_curve: str = "plots/scratch.tsv"
+    figure: str = "plots/finetune.png"
+    scratch_figure: str = "plots/scratch.png"
     runs: str = "runs"  # untracked resumable checkpoints: runs/{finetune,scratch}-<fingerprint>
     init: Optional[str] = None  # None: the pretrain checkpoint (pretrain.out); "unilm:PATH": an official .pth
     label_fraction: float = 0.1  # stratified, seeded subset of the train labels (low-label regime)
@@ -188,6 +194,8 @@ class ProbeConfig:
     """`beit linear-probe` and `beit knn` on frozen pretrained features."""
 
     runs: str = "runs"  # feature cache: runs/features-<fingerprint>/<split>.safetensors
+    linear_metrics: str = "metrics/linear_probe.json"
+    knn_metrics: str = "metrics/knn.json"
     block: Optional[int] = None  # features after this many blocks (1..depth); None: all (paper: 9 of 12 for base)
     train_fraction: float = 0.25  # stratified subset of the train split used as probe/kNN training set
     batch_size: int = 256  # feature extraction
