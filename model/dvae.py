@@ -6,6 +6,21 @@ code with Gumbel-softmax (temperature annealed 1 -> 1/16), adds KL(q || uniform)
 with a warmed-up weight, and decodes the soft one-hot with a conv decoder.
 Reconstruction is MSE on sigmoid outputs in [0,1], a bounded pixel space.
 At tokenization time codes are the argmax of the logits.
+
+Codebook usage. A plain 1x1-conv head collapses onto a few dozen codes (a few
+codes with large weight norms win everywhere; the rest never get gradient), which
+would make BEiT's MIM targets nearly trivial. Four standard fixes, each measured
+(see DVAESchedule):
+- cosine logits over a low-dimensional, l2-normalised codebook (ViT-VQGAN's
+  "factorized + l2-normalised codes"): no code can win by norm alone;
+- data-dependent init: the codebook starts as k-means++ centres of the encoder's
+  features on the first batch, not random directions no input is near;
+- dead-code restart: codes unused for a while move to k-means++-sampled features
+  poorly served by their current code (their decoder embedding copies that
+  code's, so reconstruction does not jump);
+- entropy bonus on the batch-averaged code distribution, log V - H(mean q):
+  spreads codes across the batch without blurring each position's q (which is
+  what a large KL-to-uniform weight does).
 """
 from __future__ import annotations
 
@@ -30,6 +45,7 @@ class DVAEConfig:
     downsample: int = 4  # power of two; grid = image_size // downsample
     hidden: int = 32  # width at full resolution; doubles after each 2x downsample
     blocks_per_group: int = 1
+    codebook_dim: int = 32  # cosine logits compare l2-normalised d-dim features with d-dim codes
 
     def __post_init__(self) -> None:
         d = self.downsample
@@ -37,8 +53,8 @@ class DVAEConfig:
             raise ValueError(f"dvae downsample={d}: must be a power of two (4 for 32 px -> 8x8)")
         if self.image_size % d:
             raise ValueError(f"dvae image_size={self.image_size} is not divisible by downsample={d}")
-        if self.vocab_size < 2 or self.hidden < 1 or self.blocks_per_group < 1:
-            raise ValueError("dvae vocab_size >= 2, hidden >= 1 and blocks_per_group >= 1 are required")
+        if self.vocab_size < 2 or self.hidden < 1 or self.blocks_per_group < 1 or self.codebook_dim < 1:
+            raise ValueError("dvae vocab_size >= 2, hidden, blocks_per_group and codebook_dim >= 1 are required")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -82,15 +98,24 @@ class Encoder(nn.Module):
             if level < len(w) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
-        self.head = nn.Conv2d(w[-1], cfg.vocab_size, 1)
+        self.proj = nn.Conv2d(w[-1], cfg.codebook_dim, 1)
+        self.codebook = nn.Parameter(torch.randn(cfg.vocab_size, cfg.codebook_dim))  # [V,d]
+        # Learnable inverse temperature of the cosine logits (CLIP-style, stored as a log);
+        # cosines live in [-1,1], so a scale of ~10 lets q be confident from the start.
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B,C,S,S] in [0,1] -> logits [B,V,h,w]."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,C,S,S] in [0,1] -> unit-norm code-space features [B,d,h,w]."""
         h = F.relu(self.body(self.stem(2.0 * x - 1.0)))  # [B,C,h,w]
         # Centring features per position stops one shared direction (ReLU outputs are all
         # positive) from picking the same few codes everywhere; it halved recon error in trials.
         h = F.layer_norm(h.permute(0, 2, 3, 1), h.shape[1:2]).permute(0, 3, 1, 2)  # [B,h,w,C] -> [B,C,h,w]
-        return self.head(h)
+        return F.normalize(self.proj(h), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,C,S,S] in [0,1] -> logits [B,V,h,w] = scale * cos(feature, code)."""
+        scale = self.log_scale.clamp(0.0, math.log(100.0)).exp()
+        return scale * torch.einsum("bdhw,vd->bvhw", self.features(x), F.normalize(self.codebook, dim=1))
 
 
 class Decoder(nn.Module):
@@ -144,23 +169,75 @@ class DVAE(nn.Module):
         return self.decoder.from_ids(ids)
 
     def forward(
-        self, x: torch.Tensor, temperature: float, kl_weight: float, straight_through: bool = False
+        self, x: torch.Tensor, temperature: float, kl_weight: float, straight_through: bool = False,
+        entropy_weight: float = 0.0,
     ) -> tuple[torch.Tensor, dict]:
         """Relaxed ELBO-style loss; returns (loss, float stats)."""
+        loss, stats, _ = self.loss_and_codes(x, temperature, kl_weight, straight_through, entropy_weight)
+        return loss, stats
+
+    loss = forward
+
+    def loss_and_codes(
+        self, x: torch.Tensor, temperature: float, kl_weight: float, straight_through: bool = False,
+        entropy_weight: float = 0.0,
+    ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """forward(), plus the argmax codes long [B,h,w] (for usage counts and restarts)."""
         self._check(x)
         logits = self.encoder(x)  # [B,V,h,w]
         soft = F.gumbel_softmax(logits, tau=temperature, hard=straight_through, dim=1)  # [B,V,h,w]
         recon = self.decoder(soft)
         mse = F.mse_loss(recon, x)
         log_q = F.log_softmax(logits, dim=1)
+        q = log_q.exp()
+        log_v = math.log(self.cfg.vocab_size)
         # KL(q || uniform) per code position, in nats: sum q log q + log V.
-        kl = (log_q.exp() * log_q).sum(dim=1).mean() + math.log(self.cfg.vocab_size)
-        loss = mse + kl_weight * kl
-        stats = {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(),
-                 "codes_in_batch": int(logits.argmax(dim=1).unique().numel())}
-        return loss, stats
+        kl = (q * log_q).sum(dim=1).mean() + log_v
+        # Codebook entropy deficit, log V - H(mean q) over every position of the batch: zero
+        # when the batch spreads evenly over the vocabulary, whatever each q looks like.
+        q_bar = q.mean(dim=(0, 2, 3))  # [V]
+        deficit = log_v + (q_bar * q_bar.clamp_min(1e-12).log()).sum()
+        loss = mse + kl_weight * kl + entropy_weight * deficit
+        ids = logits.argmax(dim=1).detach()  # [B,h,w]
+        stats = {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "entropy_deficit": deficit.item(),
+                 "codes_in_batch": int(ids.unique().numel())}
+        return loss, stats, ids
 
-    loss = forward
+    @torch.no_grad()
+    def restart_codes(self, dead: torch.Tensor, x: torch.Tensor, copy_decoder: bool = True) -> int:
+        """Move codes `dead` (long [K]) onto features of batch x [B,3,S,S], chosen by k-means++
+        seeding against the live codes; returns how many moved. copy_decoder: a moved code's
+        decoder embedding copies that of the code it takes positions from."""
+        if dead.numel() == 0:
+            return 0
+        enc = self.encoder
+        feats = enc.features(x).permute(0, 2, 3, 1).reshape(-1, self.cfg.codebook_dim)  # [N,d], unit norm
+        book = F.normalize(enc.codebook, dim=1)  # [V,d]
+        live = torch.ones(self.cfg.vocab_size, dtype=torch.bool, device=x.device)
+        live[dead] = False
+        owner = (feats @ book.T).argmax(dim=1)  # [N] code each feature maps to now
+        picks = kmeanspp(feats, book[live], dead.numel())  # [K] rows of feats
+        norm = enc.codebook[live].norm(dim=1).mean() if live.any() else math.sqrt(self.cfg.codebook_dim)
+        # A little noise so two codes seeded on one feature can still split apart.
+        enc.codebook[dead] = norm * F.normalize(feats[picks] + 0.01 * torch.randn_like(feats[picks]), dim=1)
+        if copy_decoder:
+            self.decoder.embed[dead] = self.decoder.embed[owner[picks]]
+        return int(dead.numel())
+
+
+def kmeanspp(feats: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor:
+    """k-means++ seeding on the unit sphere: indices long [k] into feats [N,d] (unit norm),
+    each drawn with probability ~ 1 - cos to the nearest centre so far (= squared
+    distance / 2), starting from `centres` [M,d] (may be empty)."""
+    n = feats.shape[0]
+    dist = (1 - (feats @ centres.T).max(dim=1).values) if centres.numel() else torch.ones(n, device=feats.device)
+    picks = torch.empty(k, dtype=torch.long, device=feats.device)
+    for j in range(k):
+        # With fewer distinct features than k, the floor keeps sampling possible (duplicates).
+        i = torch.multinomial(dist.clamp_min(0) + 1e-6, 1)
+        picks[j] = i[0]
+        dist = torch.minimum(dist, 1 - feats @ feats[i[0]])
+    return picks
 
 
 # --------------------------------------------------------------------------- training
@@ -181,6 +258,10 @@ class DVAESchedule:
     kl_warmup_frac: float = 0.1
     grad_clip: float = 1.0
     straight_through: bool = False  # decoder sees hard one-hots (soft gradients)
+    entropy_weight: float = 0.01  # x (log V - H(batch-mean q)); spreads codes over the batch; 0 disables
+    init_codes: bool = True  # k-means++ codebook init on the first batch's features
+    restart_every: int = 20  # steps between dead-code restarts; 0 disables
+    restart_until_frac: float = 0.8  # no restarts after this fraction of steps (codes settle)
 
 
 def _cosine(start: float, end: float, t: float) -> float:
@@ -209,6 +290,14 @@ def _cycle(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
             raise ValueError("train_dvae: batches ran out before `steps`; pass a re-iterable or an endless iterator")
 
 
+def _reset_adam_rows(opt: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
+    """Forget Adam moments of re-initialised rows, so stale momentum does not drag them back."""
+    state = opt.state.get(param, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][rows] = 0
+
+
 def train_dvae(
     model: DVAE,
     batches: Iterable[torch.Tensor],
@@ -227,19 +316,33 @@ def train_dvae(
         raise ValueError(f"train_dvae: steps={steps} must be >= 1")
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    V = model.cfg.vocab_size
+    hits = torch.zeros(V, dtype=torch.long, device=device)  # argmax counts since the last restart
+    restart_until = int(schedule.restart_until_frac * steps)
     model.train()
     history = []
     for step, x in zip(range(steps), _cycle(batches)):
+        x = x.to(device, non_blocking=True)
+        if step == 0 and schedule.init_codes:
+            model.restart_codes(torch.arange(V, device=device), x, copy_decoder=False)
         knobs = schedule_at(schedule, step, steps)
         for group in opt.param_groups:
             group["lr"] = knobs["lr"]
-        loss, stats = model(x.to(device, non_blocking=True), knobs["temperature"], knobs["kl_weight"],
-                            schedule.straight_through)
+        loss, stats, ids = model.loss_and_codes(x, knobs["temperature"], knobs["kl_weight"],
+                                                schedule.straight_through, schedule.entropy_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
         opt.step()
-        stats = {"step": step, **stats, **knobs}
+        hits += torch.bincount(ids.reshape(-1), minlength=V)
+        restarted = 0
+        if schedule.restart_every and (step + 1) % schedule.restart_every == 0 and step < restart_until:
+            dead = (hits == 0).nonzero().squeeze(1)  # [K]
+            restarted = model.restart_codes(dead, x)
+            _reset_adam_rows(opt, model.encoder.codebook, dead)
+            _reset_adam_rows(opt, model.decoder.embed, dead)
+            hits.zero_()
+        stats = {"step": step, **stats, **knobs, "restarted": restarted}
         history.append(stats)
         if on_step is not None:
             on_step(step, stats)
@@ -263,19 +366,30 @@ def perplexity(ids: torch.Tensor, vocab_size: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_dvae(model: DVAE, images: torch.Tensor, batch_size: int = 256) -> dict:
-    """Hard-code reconstruction MSE, codebook usage and perplexity on held-out images [N,3,S,S]."""
+def evaluate_dvae(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 256,
+                  recon: bool = True) -> dict:
+    """Hard-code reconstruction MSE, codebook usage and perplexity on held-out images.
+
+    `model`: anything with encode/decode/cfg.vocab_size (DVAE, DalleVAE); `images`: float
+    [N,3,S,S] in [0,1] or an iterable of such batches (streamed: only code counts are kept).
+    recon=False skips the decoder (a tokenizer without one) and omits recon_mse."""
     model.eval()
     device = next(model.parameters()).device
-    ids, sq = [], 0.0
-    for x in images.split(batch_size):
+    V = model.cfg.vocab_size
+    counts = torch.zeros(V, dtype=torch.long)
+    sq, n = 0.0, 0
+    for x in images.split(batch_size) if isinstance(images, torch.Tensor) else images:
         x = x.to(device)
-        code = model.encode(x)
-        sq += F.mse_loss(model.decode(code), x, reduction="sum").item()
-        ids.append(code.cpu())
-    all_ids = torch.cat(ids)
-    return {"recon_mse": sq / images.numel(), "codebook_usage": codebook_usage(all_ids, model.cfg.vocab_size),
-            "perplexity": perplexity(all_ids, model.cfg.vocab_size)}
+        code = model.encode(x)  # [B,h,w]
+        if recon:
+            sq += F.mse_loss(model.decode(code), x, reduction="sum").item()
+        counts += torch.bincount(code.reshape(-1).cpu(), minlength=V)
+        n += x.numel()
+    if n == 0:
+        raise ValueError("evaluate_dvae: no images")
+    p = counts[counts > 0].double() / counts.sum()
+    out = {"codebook_usage": int((counts > 0).sum()) / V, "perplexity": float(torch.exp(-(p * p.log()).sum()))}
+    return {"recon_mse": sq / n, **out} if recon else out
 
 
 def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path, cols: int = 8) -> Path:

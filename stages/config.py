@@ -57,7 +57,7 @@ class TokenizerConfig:
     recon: str = "plots/tokenizer_recon.png"
     model: DVAEConfig = DVAEConfig()
     schedule: DVAESchedule = DVAESchedule()
-    steps: int = 500
+    steps: int = 250
     batch_size: int = 128
     num_workers: int = 1  # DataLoader workers decoding + rendering views
     shuffle_buffer: int = 2000
