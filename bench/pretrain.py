@@ -47,7 +47,8 @@ from pipeline.images import decode_rgb  # noqa: E402
 from pipeline.loader import LoaderConfig, MIMDataset, attach_tokens, batches, image_bytes, open_split  # noqa: E402
 from pipeline.masking import MaskGenerator, MaskingConfig  # noqa: E402
 from pipeline.tokens import StoreSpec, create_or_open, open_tokens  # noqa: E402
-from pipeline.views import View, ViewConfig, apply_view  # noqa: E402
+from pipeline.tarread import tar_samples  # noqa: E402
+from pipeline.views import View, ViewConfig, apply_view, apply_views  # noqa: E402
 
 REAL = ROOT / "data" / "shards" / "train"
 
@@ -122,23 +123,47 @@ def bench_step(name: str, vit: str, tokenizer, batch: int, repeats: int, steps: 
 # ---------------------------------------------------------------- (c)/(d) loader
 
 
-def loader_fixture(tmp: Path, n_images: int, n_shards: int, views: int):
-    """Subsets of the real train shards (or synthetic) + a token store with zero tokens
-    and the real views drawn by sample_view: what MIMDataset reads in pretraining."""
+def _bench_tokenize_module():
     import importlib.util
 
     spec_ = importlib.util.spec_from_file_location("bench_tokenize", ROOT / "bench" / "tokenize_stage.py")
     bt = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(bt)
+    return bt
+
+
+def _legacy():
+    """tests/reference_loader.py: the loader as it was before the speed work."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import reference_loader
+
+    return reference_loader
+
+
+def loader_fixture(tmp: Path, n_images: int, n_shards: int, views: int, scale: str = "fashion"):
+    """Shards + a token store with zero tokens and the real views drawn by sample_view:
+    what MIMDataset reads in pretraining.
+
+    fashion:  subsets of the real train shards (or synthetic), 28 px PNGs, 8x8 tokens
+    imagenet: photo-like 500x375 JPEGs (bench/tokenize_stage.py's), 14x14 tokens,
+              tokenizer views rendered at 112 px (DALL-E's input)"""
+    bt = _bench_tokenize_module()
     shard_dir = tmp / "shards" / "train"
-    source = bt.fashion_shards(shard_dir, n_shards, n_images // n_shards)
+    if scale == "fashion":
+        source = bt.fashion_shards(shard_dir, n_shards, n_images // n_shards)
+        grid, tok_size = (8, 8), 32
+    else:
+        bt.jpeg_shard(shard_dir, n_images)  # one shard: split it, so workers/shards behave
+        _split_shard(shard_dir, n_shards)
+        source = f"photo-like 500x375 JPEGs (~{_mean_kb(shard_dir):.0f} KB)"
+        grid, tok_size = (14, 14), 112
     from pipeline.tokenize import tokenize_shard
 
     tars = sorted(shard_dir.glob("*.tar"))
-    zero = lambda x: torch.zeros(x.shape[0], 8, 8, dtype=torch.long)  # noqa: E731
-    results = [tokenize_shard(t, zero, 32, ViewConfig(), 0, views, 256) for t in tars]
+    zero = lambda x: torch.zeros(x.shape[0], *grid, dtype=torch.long)  # noqa: E731
+    results = [tokenize_shard(t, zero, tok_size, ViewConfig(), 0, views, 64) for t in tars]
     spec = StoreSpec(shards=tuple(t.name for t in tars), counts=tuple(len(r[0]) for r in results),
-                     views=views, grid=(8, 8), view_dim=View.K, vocab_size=1024,
+                     views=views, grid=grid, view_dim=View.K, vocab_size=8192,
                      fingerprints={"shards": index_fingerprint(shard_dir / "index.parquet")})
     store = create_or_open(tmp / "tokens", "train", "zarr", spec)
     for s, r in enumerate(results):
@@ -146,12 +171,40 @@ def loader_fixture(tmp: Path, n_images: int, n_shards: int, views: int):
     return source, open_split(shard_dir, store.path)
 
 
-def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int) -> float:
-    source, split = loader_fixture(tmp, n_images, 2, views)
-    masks = MaskGenerator((8, 8), MaskingConfig(kind="block", mask_ratio=0.4))
+def _split_shard(shard_dir: Path, n_shards: int) -> None:
+    """Re-cut bench/tokenize_stage.py's single JPEG shard into n_shards shards."""
+    import webdataset as wds
+
+    bt = _bench_tokenize_module()
+    one = shard_dir / "train-000000.tar"
+    samples = [(s["__key__"], "jpg", s["jpg"], int(s["cls"]))
+               for s in wds.tarfile_to_samples()(iter([{"url": str(one)}]))]
+    one.unlink()
+    per = -(-len(samples) // n_shards)
+    shards = {f"train-{i:06d}.tar": samples[i * per:(i + 1) * per] for i in range(n_shards)}
+    for name, part in shards.items():
+        bt._write_tar(shard_dir / name, part)
+    bt._write_index(shard_dir, shards)
+
+
+def _mean_kb(shard_dir: Path) -> float:
+    tars = list(shard_dir.glob("*.tar"))
+    import webdataset as wds
+
+    sizes = [len(s["jpg"]) for s in wds.tarfile_to_samples()(iter([{"url": str(t)} for t in tars]))]
+    return statistics.mean(sizes) / 1024
+
+
+def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int, scale: str = "fashion",
+                 shuffle: int = 500, n_shards: int = 2, legacy: bool = True) -> dict:
+    source, split = loader_fixture(tmp, n_images, n_shards, views, scale)
+    size = 32 if scale == "fashion" else 224
+    grid = (8, 8) if scale == "fashion" else (14, 14)
+    masks = MaskGenerator(grid, MaskingConfig(kind="block", mask_ratio=0.4))
     n = (split.num_samples // batch) * batch  # both paths drop partial batches... per worker
-    print(f"\nloader: {source}; {split.num_samples} images in {len(split.shards)} shards, 32 px, "
-          f"batch {batch}, {views} stored views, block masks 8x8")
+    print(f"\nloader [{scale}]: {source}; {split.num_samples} images in {len(split.shards)} shards, "
+          f"{size} px, batch {batch}, shuffle buffer {shuffle}, {views} stored views, block masks "
+          f"{grid[0]}x{grid[1]}")
 
     # The same samples and views the loader renders in epoch 0, in memory, for (d).
     store = open_tokens(split.token_path)
@@ -167,25 +220,39 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int)
 
     def decode_augment():
         for data, view in samples[:n]:
-            apply_view(decode_rgb(data), view, 32)
+            apply_view(decode_rgb(data), view, size)
 
-    def loader(workers: int):
-        cfg = LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=2000, image_size=32)
-        ds = MIMDataset(split, cfg, masks, seed=0)
+    chunk = MIMDataset(split, LoaderConfig(image_size=size), None, 0).render_chunk
+
+    def decode_augment_chunked():
+        for i in range(0, n, chunk):
+            part = samples[i:min(i + chunk, n)]
+            apply_views([decode_rgb(d) for d, _ in part], [v for _, v in part], size)
+
+    def loader(workers: int, cls=MIMDataset):
+        cfg = LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=shuffle, image_size=size)
+        ds = cls(split, cfg, masks, seed=0)
         it = batches(ds, cfg, epoch=0)
         next(it)  # worker start-up, shuffle-buffer fill, first batch: not counted
         t = time.perf_counter()
         k = sum(1 for _ in it)
         return k * batch, time.perf_counter() - t
 
-    rates: dict[str, list[float]] = {"d decode + augment": [], "c loader 1 worker": [], "c loader in-process": []}
+    D, D2 = "d decode + augment", f"d' decode + augment, chunk {chunk}"
+    C1, C0, L1 = "c loader 1 worker", "c loader in-process", "l legacy loader 1 worker"
+    rates: dict[str, list[float]] = {D: [], D2: [], C1: [], C0: []}
+    if legacy:
+        rates[L1] = []
+    Legacy = _legacy().LegacyMIMDataset if legacy else None
 
     def run(k: str) -> None:
         torch.set_num_threads(1)
-        if k == "d decode + augment":
+        if k == D:
             rates[k].append(n / timed(decode_augment))
+        elif k == D2:
+            rates[k].append(n / timed(decode_augment_chunked))
         else:
-            imgs, sec = loader(1 if "worker" in k else 0)
+            imgs, sec = loader(0 if k == C0 else 1, Legacy if k == L1 else MIMDataset)
             rates[k].append(imgs / sec)
 
     names = list(rates)
@@ -194,39 +261,48 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int)
         for k in names[r % len(names):] + names[:r % len(names)]:
             run(k)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    limit = med["d decode + augment"]
+    limit = med[D]
     for k, m in med.items():
-        print(f"  {k:<26}{m:9.0f} img/s  {1e6 / m:7.1f} us/img  {m / limit * 100:6.1f}% of (d)   "
-              + " ".join(f"{x:.0f}" for x in rates[k]))
+        print(f"  {k:<30}{m:9.0f} img/s  {1e6 / m:8.1f} us/img  {m / limit * 100:6.1f}% of (d)  "
+              f"{m / med[D2] * 100:6.1f}% of (d')   " + " ".join(f"{x:.0f}" for x in rates[k]))
 
     # Where the loader's extra time goes (in-process, one thread), per image.
     torch.set_num_threads(1)
-    cfg = LoaderConfig(batch_size=batch, num_workers=0, image_size=32)
+    cfg = LoaderConfig(batch_size=batch, num_workers=0, image_size=size)
     ds = MIMDataset(split, cfg, masks, seed=0)
-    stream_t = timed3(lambda: sum(1 for _ in attach_tokens(
-        wds.tarfile_to_samples()(iter([{"url": str(split.shard_dir / s)} for s in split.shards])),
-        open_tokens(split.token_path), split.shards)))
-    raw = list(attach_tokens(wds.tarfile_to_samples()(iter([{"url": str(split.shard_dir / s)}
-                                                            for s in split.shards])),
-                             open_tokens(split.token_path), split.shards))
+    urls = [str(split.shard_dir / s) for s in split.shards]
+    tar_t = timed3(lambda: sum(1 for _ in tar_samples(urls)))
+    wds_t = timed3(lambda: sum(1 for _ in wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))))
+    stream_t = timed3(lambda: sum(1 for _ in attach_tokens(tar_samples(urls), open_tokens(split.token_path),
+                                                           split.shards)))
+    raw = list(attach_tokens(tar_samples(urls), open_tokens(split.token_path), split.shards))
     m = len(raw)
-    made = [ds.make_sample(dict(x)) for x in raw]
-    make_t = timed3(lambda: [ds.make_sample(dict(x)) for x in raw])
-    mask_t = timed3(lambda: [masks(np.random.default_rng(stable_hash("mask", 0, 0, x["__key__"]))) for x in raw])
-    hash_t = timed3(lambda: [stable_hash("view", x["__key__"]) for x in raw])
-    norm_x = [apply_view(decode_rgb(image_bytes(x)), View.from_array(x["__views__"][0]), 32) for x in raw[:512]]
-    norm_t = timed3(lambda: [(x - ds._mean) / ds._std for x in norm_x]) * m / len(norm_x)
+    made = ds.make_samples([dict(x) for x in raw])
+    make_t = timed3(lambda: [ds.make_samples([dict(x) for x in raw[i:i + chunk]]) for i in range(0, m, chunk)])
+    keys = [x["__key__"] for x in raw]
+    mask_t = timed3(lambda: [masks(np.random.Generator(np.random.PCG64(stable_hash("mask", 0, 0, k))))
+                             for k in keys])
+    ref = _legacy().ref_mask if legacy else None
+    ref_mask_t = timed3(lambda: [ref(masks, np.random.default_rng(stable_hash("mask", 0, 0, k)))
+                                 for k in keys]) if legacy else float("nan")
+    hash_t = timed3(lambda: [stable_hash("view", k) for k in keys])
     from torch.utils.data import default_collate
 
     coll_t = timed3(lambda: [default_collate(made[i:i + batch]) for i in range(0, m - batch + 1, batch)])
-    da_t = timed3(lambda: [apply_view(decode_rgb(d), v, 32) for d, v in samples[:m]])
+    da_t = timed3(lambda: [apply_view(decode_rgb(d), v, size) for d, v in samples[:m]])
+    dac_t = timed3(lambda: [apply_views([decode_rgb(d) for d, _ in samples[i:i + chunk]],
+                                        [v for _, v in samples[i:i + chunk]], size)
+                            for i in range(0, m, chunk)])
     print("  per image, in-process, 1 thread (median of 3 passes each):")
-    for k, t in (("tar read + attach_tokens", stream_t), ("make_sample (all)", make_t),
-                 ("  of which decode+apply_view", da_t), ("  of which block mask + rng", mask_t),
-                 ("  of which stable_hash (view)", hash_t), ("  of which normalise", norm_t),
-                 ("default_collate", coll_t)):
-        print(f"    {k:<30}{t / m * 1e6:8.1f} us")
-    return med["c loader 1 worker"] / limit
+    for k, t in (("tar read (pipeline.tarread)", tar_t), ("tar read (webdataset, before)", wds_t),
+                 ("tar read + attach_tokens", stream_t), ("make_samples (all)", make_t),
+                 ("  of which decode+apply_views", dac_t), ("  (decode+apply_view 1 by 1)", da_t),
+                 ("  of which block mask + rng", mask_t), ("  (the same, before)", ref_mask_t),
+                 ("  of which stable_hash (view)", hash_t), ("default_collate", coll_t)):
+        print(f"    {k:<32}{t / m * 1e6:8.1f} us")
+    return {f"{scale}: loader 1 worker / (d)": med[C1] / limit,
+            f"{scale}: loader 1 worker / (d')": med[C1] / med[D2],
+            **({f"{scale}: legacy 1 worker / (d)": med[L1] / limit} if legacy else {})}
 
 
 @click.command()
@@ -240,8 +316,18 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int)
 @click.option("--loader-batch", default=128, show_default=True)
 @click.option("--views", default=8, show_default=True)
 @click.option("--dalle/--no-dalle", default=True, show_default=True)
+@click.option("--step/--no-step", default=True, show_default=True, help="the step benches (a)/(b).")
+@click.option("--scale", type=click.Choice(["fashion", "imagenet", "both", "none"]), default="both",
+              show_default=True, help="loader bench: 28 px Fashion-MNIST PNGs and/or 500x375 JPEGs.")
+@click.option("--shuffle-buffer", default=500, show_default=True,
+              help="loader shuffle buffer (fashion); smaller than the images, so tar reads are timed.")
+@click.option("--imagenet-images", default=384, show_default=True)
+@click.option("--imagenet-batch", default=32, show_default=True)
+@click.option("--legacy/--no-legacy", default=True, show_default=True,
+              help="also time the pre-change loader (tests/reference_loader.py) side by side.")
 def main(batch: int, steps: int, dalle_batch: int, vit: str, repeats: int, threads: int,
-         loader_images: int, loader_batch: int, views: int, dalle: bool) -> None:
+         loader_images: int, loader_batch: int, views: int, dalle: bool, step: bool, scale: str,
+         shuffle_buffer: int, imagenet_images: int, imagenet_batch: int, legacy: bool) -> None:
     from model.dalle import DalleConfig, DalleVAE
     from model.dvae import DVAE, DVAEConfig
     from model.tokenizer import Tokenizer
@@ -249,16 +335,23 @@ def main(batch: int, steps: int, dalle_batch: int, vit: str, repeats: int, threa
     t0 = time.perf_counter()
     torch.manual_seed(0)
     summary = {}
-    summary["micro+dvae online/offline"] = bench_step(
-        "micro", "micro", Tokenizer(DVAE(DVAEConfig()), "dvae", "random"), batch, repeats, steps, threads)
-    if dalle:
+    if step:
+        summary["micro+dvae online/offline"] = bench_step(
+            "micro", "micro", Tokenizer(DVAE(DVAEConfig()), "dvae", "random"), batch, repeats, steps, threads)
+    if step and dalle:
         summary[f"{vit}+dalle online/offline"] = bench_step(
             "dalle", vit, Tokenizer(DalleVAE(DalleConfig()), "dalle", "random"), dalle_batch, repeats, 1, threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
-    try:
-        summary["loader 1 worker / decode+augment"] = bench_loader(tmp, loader_images, loader_batch, repeats, views)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for sc in (("fashion", "imagenet") if scale == "both" else () if scale == "none" else (scale,)):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
+        try:
+            if sc == "fashion":
+                summary.update(bench_loader(tmp, loader_images, loader_batch, repeats, views, sc,
+                                            shuffle_buffer, legacy=legacy))
+            else:
+                summary.update(bench_loader(tmp, imagenet_images, imagenet_batch, repeats, views, sc,
+                                            imagenet_batch * 4, legacy=legacy))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     print("\nsummary: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items())
           + f"  (total bench {time.perf_counter() - t0:.0f} s)")
 

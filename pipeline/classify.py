@@ -24,11 +24,11 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import webdataset as wds
 
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.images import decode_rgb
 from pipeline.loader import LoaderConfig, _rank_worker, epoch_shards, image_bytes, shuffle_buffer
+from pipeline.tarread import tar_samples
 from pipeline.views import ViewConfig, apply_view, identity_view, sample_view
 
 
@@ -137,8 +137,7 @@ class ClassifyDataset(torch.utils.data.IterableDataset):
             ids = epoch_shards(self.split.shards, self.seed, self.epoch, rank, world, worker, workers)
         else:  # fixed order; ranks and workers still take disjoint shards
             ids = list(range(len(self.split.shards)))[rank::world][worker::workers]
-        urls = [str(self.split.shard_dir / self.split.shards[i]) for i in ids]
-        stream = wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))
+        stream = tar_samples(str(self.split.shard_dir / self.split.shards[i]) for i in ids)
         keep = self.split.keep
         if keep is not None:
             stream = (s for s in stream if s["__key__"].split("/")[-1] in keep)

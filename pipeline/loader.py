@@ -23,13 +23,13 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import webdataset as wds
 
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.images import decode_rgb
 from pipeline.masking import MaskGenerator
+from pipeline.tarread import tar_samples
 from pipeline.tokens import open_tokens
-from pipeline.views import View, apply_view
+from pipeline.views import View, apply_views
 
 IMAGE_EXTS = ("jpg", "png")
 
@@ -105,15 +105,21 @@ def attach_tokens(samples: Iterator[dict], store: Any, shard_names: tuple[str, .
     """Add `__tokens__` [V, h, w] and `__views__` [V, K] to each tar sample; reads a
     shard's rows in one contiguous slice when its first sample arrives."""
     position = {name: i for i, name in enumerate(shard_names)}
-    current, part, row = None, None, 0
+    current_url, name, keys, tokens, views, row = None, None, None, None, None, 0
     for sample in samples:
-        name = Path(sample["__url__"]).name
-        if name != current:
-            current, part, row = name, store.read_shard(position[name]), 0
-        if part.keys[row] != sample["__key__"].split("/")[-1]:
-            raise StaleTokens(f"{name}: token row {row} is {part.keys[row]!r} but the tar has "
+        url = sample["__url__"]
+        if url != current_url:
+            name = Path(url).name
+            part = store.read_shard(position[name])
+            current_url, keys, tokens, views, row = url, part.keys.tolist(), part.tokens, part.views, 0
+        key = sample["__key__"]
+        if "/" in key:
+            key = key.rsplit("/", 1)[1]
+        if row >= len(keys) or keys[row] != key:
+            have = keys[row] if row < len(keys) else None
+            raise StaleTokens(f"{name}: token row {row} is {have!r} but the tar has "
                               f"{sample['__key__']!r}; rerun `beit tokenize`")
-        sample["__tokens__"], sample["__views__"] = part.tokens[row], part.views[row]
+        sample["__tokens__"], sample["__views__"] = tokens[row], views[row]
         row += 1
         yield sample
 
@@ -129,6 +135,16 @@ def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> It
         yield sample
     rng.shuffle(buf)
     yield from buf
+
+
+def view_of(row: np.ndarray) -> View:
+    """`View.from_array(row)` for a float32 [K] row of the token store, without the
+    float64 array round trip (float32 -> Python float is the same exact widening)."""
+    if row.shape != (View.K,):
+        return View.from_array(row)  # raises the shape error
+    a = row.tolist()
+    return View(int(round(a[0])), int(round(a[1])), int(round(a[2])), int(round(a[3])),
+                int(round(a[4])), int(round(a[5])), a[6] >= 0.5, a[7], a[8], a[9], a[10])
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -148,34 +164,61 @@ class MIMDataset(torch.utils.data.IterableDataset):
         self.epoch = 0
         self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self._std = torch.tensor(cfg.std).view(3, 1, 1)
+        # Samples rendered per apply_views call (1: one at a time; same output either way).
+        # Measured (bench/pretrain.py): at 32 px chunks of 32 cut decode+augment from
+        # ~180 to ~80 us/img (per-call tensor set-up dominates); at 224 px they do not
+        # help (2.5 ms/img either way, more memory traffic), so large views go one by one.
+        self.render_chunk = 32 if cfg.image_size <= 64 else 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def make_sample(self, sample: dict) -> dict:
-        key = sample["__key__"].split("/")[-1]
-        image = decode_rgb(image_bytes(sample))  # uint8 [H, W, 3]
-        V = sample["__tokens__"].shape[0]
-        v = (self.epoch + stable_hash("view", key)) % V
-        view = View.from_array(sample["__views__"][v])
-        out = {"label": int(sample["cls"]),
-               "tokens": torch.from_numpy(sample["__tokens__"][v].astype(np.int64))}  # [h, w]
-        x = apply_view(image, view, self.cfg.image_size)  # float [3, S, S] in [0, 1]
-        out["image"] = (x - self._mean) / self._std
-        if self.masks is not None:
-            rng = np.random.default_rng(stable_hash("mask", self.seed, self.epoch, key))
-            out["mask"] = torch.from_numpy(self.masks(rng).reshape(-1))  # bool [h*w]
-        return out
+        return self.make_samples([sample])[0]
+
+    def make_samples(self, samples: list[dict]) -> list[dict]:
+        """`make_sample` of each sample, the views rendered in one `apply_views` call.
+
+        Same bits as rendering one at a time (apply_views works per image up to the
+        resize, then per sample over the batch; tests/test_loader.py checks it): the
+        per-call tensor set-up of the crop/flip/jitter ops is paid once per chunk."""
+        images, views, outs, keys = [], [], [], []
+        epoch = self.epoch
+        for sample in samples:
+            key = sample["__key__"]
+            if "/" in key:
+                key = key.rsplit("/", 1)[1]
+            images.append(decode_rgb(image_bytes(sample)))  # uint8 [H, W, 3]
+            tokens = sample["__tokens__"]  # [V, h, w]
+            v = (epoch + stable_hash("view", key)) % tokens.shape[0]
+            views.append(view_of(sample["__views__"][v]))
+            outs.append({"label": int(sample["cls"]),
+                         "tokens": torch.from_numpy(tokens[v].astype(np.int64))})  # [h, w]
+            keys.append(key)
+        x = apply_views(images, views, self.cfg.image_size)  # float [B, 3, S, S] in [0, 1]
+        x.sub_(self._mean).div_(self._std)  # in place: same bits as (x - mean) / std
+        for out, image, key in zip(outs, x.unbind(0), keys):
+            out["image"] = image  # [3, S, S]
+            if self.masks is not None:
+                # default_rng(s) is Generator(PCG64(s)); the direct form skips a dispatch.
+                rng = np.random.Generator(np.random.PCG64(stable_hash("mask", self.seed, epoch, key)))
+                out["mask"] = torch.from_numpy(self.masks(rng).reshape(-1))  # bool [h*w]
+        return outs
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = _rank_worker()
         ids = epoch_shards(self.split.shards, self.seed, self.epoch, rank, world, worker, workers)
-        urls = [str(self.split.shard_dir / self.split.shards[i]) for i in ids]
-        stream = wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))
+        stream = tar_samples(str(self.split.shard_dir / self.split.shards[i]) for i in ids)
         stream = attach_tokens(stream, open_tokens(self.split.token_path), self.split.shards)
         rng = random.Random(stable_hash("buffer", self.seed, self.epoch, rank, worker))
+        chunk: list[dict] = []
         for sample in shuffle_buffer(stream, self.cfg.shuffle_buffer, rng):
-            yield self.make_sample(sample)
+            chunk.append(sample)
+            if len(chunk) >= self.render_chunk:
+                yield from self.make_samples(chunk)
+                chunk = []
+        if chunk:
+            yield from self.make_samples(chunk)
 
 
 def epoch_steps(split: SplitData, cfg: LoaderConfig, seed: int, epoch: int, world: int) -> int:
