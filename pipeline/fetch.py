@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 PACKAGE = "dataset-fashion-mnist"
-SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+PACKAGE_PATH = "usr/share/datasets/fashion-mnist"  # inside the .deb
+SYSTEM_DIR = Path("/") / PACKAGE_PATH
 FILES = (
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",
@@ -86,7 +87,7 @@ def find_fashion_mnist(root: str | Path | None = None, fetch: bool = True) -> Pa
         deb = _download_deb(tmp)
         unpacked = tmp / "root"
         subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
-        src = unpacked / SYSTEM_DIR.relative_to("/")
+        src = unpacked / PACKAGE_PATH
         if not _complete(src):
             raise DatasetUnavailable(f"{deb.name} did not contain the idx files; {HOW_TO}")
         staging = tmp / "fashion-mnist"
