@@ -15,7 +15,6 @@ stage used), then rendered by the same `apply_view` at the patch resolution.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
 from typing import Any, Iterator, Optional

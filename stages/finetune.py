@@ -34,13 +34,14 @@ from model.checkpoints import WEIGHTS, save_checkpoint
 from model.classifier import BeitClassifier, load_encoder
 from model.engine import Dist, OptimConfig, Stepper, all_mean, setup_distributed, teardown_distributed
 from model.mixup import MixConfig, mix_batch, soft_cross_entropy
-from model.train_state import latest_checkpoint, load_train_state, save_train_state
+from model.train_state import save_train_state
 from pipeline.classify import ClassifyDataset, LabelledSplit, eval_batches, open_labelled
 from pipeline.fingerprint import json_fingerprint, stable_hash
-from pipeline.loader import LoaderConfig, batches, epoch_steps
+from pipeline.loader import LoaderConfig, batches
 from pipeline.views import ViewConfig
 from stages.config import ConfigError, Params, load_params
 from stages.metrics import TsvLog, plot_curves, write_json
+from stages.training import micro_batch, plan_steps, resume, seed_step
 
 COLUMNS = ["step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "eval_loss", "eval_top1", "eval_top5"]
 
@@ -153,10 +154,7 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
     classes = num_classes(train)
     model, init_fp = build_classifier(params, scratch, init, classes)
 
-    micro = cfg.batch_size // (env.world * cfg.accum_steps)
-    if micro < 1 or micro * env.world * cfg.accum_steps != cfg.batch_size:
-        raise ConfigError(f"finetune.batch_size={cfg.batch_size} must split evenly over "
-                          f"{env.world} rank(s) x {cfg.accum_steps} accumulation step(s)")
+    micro = micro_batch(cfg.batch_size, cfg.accum_steps, env, "finetune")
     lcfg = LoaderConfig(batch_size=micro, num_workers=cfg.num_workers,
                         shuffle_buffer=cfg.shuffle_buffer, image_size=params.data.image_size)
     views = ViewConfig(scale=cfg.crop_scale, ratio=cfg.crop_ratio, flip_p=cfg.flip_p,
@@ -166,24 +164,16 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
     eval_data = ClassifyDataset(held, lcfg, params.seed, train=False)
     mix = MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
                     smoothing=cfg.label_smoothing)
-    steps = [epoch_steps(train, lcfg, params.seed, e, env.world) // cfg.accum_steps
-             for e in range(cfg.epochs)]
-    total = sum(steps)
-    if total == 0:
-        raise ConfigError(f"finetune.batch_size={cfg.batch_size} is larger than an epoch of "
-                          f"{train.num_samples} labelled images; raise finetune.label_fraction")
-    warmup = int(round(cfg.warmup_epochs * steps[0]))
+    plan = plan_steps(train, lcfg, params.seed, cfg.epochs, cfg.accum_steps, cfg.warmup_epochs,
+                      env, "finetune")
+    steps, total = plan.steps, plan.total
 
     stepper = Stepper(model, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                          betas=cfg.betas, clip_grad=cfg.clip_grad,
                                          layer_decay=cfg.layer_decay, amp=cfg.amp, compile=cfg.compile),
                       env, num_layers=len(model.blocks))
     run_dir = Path(cfg.runs) / f"{kind}-{run_fingerprint(params, kind, init_fp, train)}"
-    step, epoch, in_epoch = 0, 0, 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = load_train_state(ckpt, stepper.model, stepper.optimizer, stepper.scaler)
-        step, epoch, in_epoch = state["step"], state["extra"]["epoch"], state["extra"]["in_epoch"]
+    step, epoch, in_epoch = resume(run_dir, stepper)
     log = TsvLog(run_dir / "log.tsv", COLUMNS) if env.main else None
     if log is not None:
         log.truncate_after(step)
@@ -204,10 +194,8 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
                 rng = np.random.default_rng(stable_hash("mix", params.seed, step, env.rank, j))
                 x, y = mix_batch(b["image"], b["label"], classes, mix, rng)  # [B,3,S,S], [B,K]
                 micro_batches.append({"image": x.to(env.device), "target": y.to(env.device)})
-            # Drop path draws from the global RNG: seed it per step so a resumed run
-            # (whose DataLoader setup consumed other draws) replays the same paths.
-            torch.manual_seed(stable_hash("drop-path", params.seed, step, env.rank) % 2**63)
-            lr = stepper.set_lr(step, total, warmup)
+            seed_step(params.seed, step, env.rank)
+            lr = stepper.set_lr(step, total, plan.warmup)
             stats = stepper.step(micro_batches, _loss)
             step, in_epoch, seen = step + 1, in_epoch + 1, seen + cfg.batch_size
             if not all(math.isfinite(v) for v in stats.values()):

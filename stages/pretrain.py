@@ -22,13 +22,14 @@ from tqdm import tqdm
 from model.beit import create_model
 from model.checkpoints import save_checkpoint
 from model.engine import Dist, OptimConfig, Stepper, all_mean, setup_distributed, teardown_distributed
-from model.train_state import latest_checkpoint, load_train_state, save_train_state
+from model.train_state import save_train_state
 from pipeline.fingerprint import json_fingerprint
-from pipeline.loader import LoaderConfig, MIMDataset, StaleTokens, batches, epoch_steps, open_split
+from pipeline.loader import LoaderConfig, MIMDataset, StaleTokens, batches, open_split
 from pipeline.masking import MaskGenerator, MaskingConfig
 from pipeline.tokens import store_path
 from stages.config import ConfigError, Params, load_params
 from stages.metrics import TsvLog, plot_curves, write_json
+from stages.training import micro_batch, plan_steps, resume, seed_step
 
 COLUMNS = ["step", "epoch", "lr", "loss", "acc", "grad_norm", "img_per_s"]
 
@@ -106,33 +107,19 @@ def _pretrain(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
                           f"{model.config.grid}: pick a tokenizer whose grid matches the model")
     masks = MaskGenerator(model.config.grid, MaskingConfig(
         kind=params.masking, mask_ratio=params.mask_ratio, min_block=cfg.min_block))
-    micro = cfg.batch_size // (env.world * cfg.accum_steps)
-    if micro < 1 or micro * env.world * cfg.accum_steps != cfg.batch_size:
-        raise ConfigError(f"pretrain.batch_size={cfg.batch_size} must split evenly over "
-                          f"{env.world} rank(s) x {cfg.accum_steps} accumulation step(s)")
+    micro = micro_batch(cfg.batch_size, cfg.accum_steps, env, "pretrain")
     lcfg = LoaderConfig(batch_size=micro, num_workers=cfg.num_workers,
                         shuffle_buffer=cfg.shuffle_buffer, image_size=model.config.img_size)
     data = MIMDataset(train, lcfg, masks, params.seed)
-    steps = [epoch_steps(train, lcfg, params.seed, e, env.world) // cfg.accum_steps
-             for e in range(cfg.epochs)]
-    total = sum(steps)
-    if total == 0:
-        raise ConfigError(f"pretrain.batch_size={cfg.batch_size} is larger than an epoch of "
-                          f"{train.num_samples} images")
-    warmup = int(round(cfg.warmup_epochs * steps[0]))
+    plan = plan_steps(train, lcfg, params.seed, cfg.epochs, cfg.accum_steps, cfg.warmup_epochs,
+                      env, "pretrain")
+    steps, total = plan.steps, plan.total
 
     stepper = Stepper(model, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                          betas=cfg.betas, clip_grad=cfg.clip_grad, amp=cfg.amp,
                                          compile=cfg.compile), env)
     run_dir = Path(cfg.runs) / f"pretrain-{run_fingerprint(params, spec.fingerprints)}"
-    step, epoch, in_epoch = 0, 0, 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = load_train_state(ckpt, stepper.model, stepper.optimizer, stepper.scaler)
-        step, epoch, in_epoch = state["step"], state["extra"]["epoch"], state["extra"]["in_epoch"]
-        torch.manual_seed(params.seed + 1000 * step + env.rank)  # drop-path RNG, per rank
-    else:
-        torch.manual_seed(params.seed + env.rank)
+    step, epoch, in_epoch = resume(run_dir, stepper)
     log = TsvLog(run_dir / "log.tsv", COLUMNS) if env.main else None
     if log is not None:
         log.truncate_after(step)
@@ -146,7 +133,8 @@ def _pretrain(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
         it = batches(data, lcfg, epoch, skip=in_epoch * cfg.accum_steps)
         while in_epoch < steps[epoch]:
             micro_batches = [_to(next(it), env.device) for _ in range(cfg.accum_steps)]
-            lr = stepper.set_lr(step, total, warmup)
+            seed_step(params.seed, step, env.rank)
+            lr = stepper.set_lr(step, total, plan.warmup)
             stats = stepper.step(micro_batches, _loss)
             step, in_epoch, seen = step + 1, in_epoch + 1, seen + cfg.batch_size
             if not all(math.isfinite(v) for v in stats.values()):

@@ -1,7 +1,6 @@
 """Streaming loader: view parity with the stored tokens, determinism, rank split, staleness."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 

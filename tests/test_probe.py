@@ -5,7 +5,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from helpers import make_shards, tiny_params
