@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# OpenAI's reference DALL-E architecture (no weights) for the conversion tests; its
+	# metadata pulls blobfile/mypy/unpinned torch, so install it without dependencies.
+	$(BIN)/pip install --quiet --no-deps dall-e==0.1
 	touch $@
 
 # dvc.yaml's commands call `beit`, so the venv's bin goes first on PATH.
