@@ -102,6 +102,9 @@ def _pretrain(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
     spec = open_tokens(train.token_path).spec
     torch.manual_seed(params.seed)  # identical init on every rank
     model = create_model(params.model, **_model_overrides(params, spec.vocab_size))
+    if model.config.img_size != params.data.image_size:
+        raise ConfigError(f"model {params.model} takes {model.config.img_size} px but "
+                          f"data.image_size={params.data.image_size}; make them agree")
     if params.target == "tokens" and tuple(spec.grid) != model.config.grid:
         raise ConfigError(f"token grid {tuple(spec.grid)} != {params.model} patch grid "
                           f"{model.config.grid}: pick a tokenizer whose grid matches the model")

@@ -23,7 +23,7 @@ from pipeline.tokens import StoreSpec, TokenStoreMismatch, create_or_open, store
 from pipeline.views import View, ViewConfig
 from stages.config import ConfigError, Params, TokenizeConfig, load_params
 
-_TOKENIZERS: dict = {}  # per worker process: (path, fingerprint, device) -> tokenizer
+_TOKENIZERS: dict = {}  # per worker process: (path, device) -> tokenizer, loaded once
 
 
 def _tokenizer(path: str, device: str):
