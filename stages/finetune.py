@@ -34,14 +34,14 @@ from model.checkpoints import WEIGHTS, save_checkpoint
 from model.classifier import BeitClassifier, load_encoder
 from model.engine import Dist, OptimConfig, Stepper, all_mean, setup_distributed, teardown_distributed
 from model.mixup import MixConfig, mix_batch, soft_cross_entropy
-from model.train_state import save_train_state
 from pipeline.classify import ClassifyDataset, LabelledSplit, eval_batches, open_labelled
 from pipeline.fingerprint import json_fingerprint, stable_hash
 from pipeline.loader import LoaderConfig, batches
 from pipeline.views import ViewConfig
 from stages.config import ConfigError, Params, load_params
 from stages.metrics import TsvLog, plot_curves, write_json
-from stages.training import micro_batch, plan_steps, resume, seed_step
+from stages.training import (checkpoint, micro_batch, plan_steps, require_finite, resume,
+                             seed_step)
 
 COLUMNS = ["step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "eval_loss", "eval_top1", "eval_top5"]
 
@@ -198,8 +198,7 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
             lr = stepper.set_lr(step, total, plan.warmup)
             stats = stepper.step(micro_batches, _loss)
             step, in_epoch, seen = step + 1, in_epoch + 1, seen + cfg.batch_size
-            if not all(math.isfinite(v) for v in stats.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {stats}; lower finetune.lr")
+            require_finite(stats, step, "finetune")
             if step % cfg.log_every == 0 or step == total:
                 stats = all_mean(stats, env)
                 last = {"step": step, "epoch": epoch, "lr": lr,
@@ -216,12 +215,8 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
                     log.append({"step": step, "epoch": epoch, **scores})
                     bar.write(f"{kind} epoch {epoch + 1}/{cfg.epochs}: top-1 {scores['eval_top1']:.4f} "
                               f"top-5 {scores['eval_top5']:.4f} on {scores['eval_samples']} images")
-            extra = {"epoch": epoch + 1 if done_epoch else epoch, "in_epoch": 0 if done_epoch else in_epoch}
             if step % cfg.checkpoint_every == 0 or step == stop_after or (done_epoch and step < total):
-                if env.main:
-                    save_train_state(run_dir, step, stepper.model, stepper.optimizer, stepper.scaler, extra)
-                if env.world > 1:
-                    torch.distributed.barrier()
+                checkpoint(run_dir, step, stepper, env, epoch, in_epoch, steps[epoch])
             if stop_after is not None and step >= stop_after and step < total:
                 bar.close()
                 return {"stopped_at": step}

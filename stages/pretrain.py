@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,14 +21,14 @@ from tqdm import tqdm
 from model.beit import create_model
 from model.checkpoints import save_checkpoint
 from model.engine import Dist, OptimConfig, Stepper, all_mean, setup_distributed, teardown_distributed
-from model.train_state import save_train_state
 from pipeline.fingerprint import json_fingerprint
 from pipeline.loader import LoaderConfig, MIMDataset, StaleTokens, batches, open_split
 from pipeline.masking import MaskGenerator, MaskingConfig
 from pipeline.tokens import store_path
 from stages.config import ConfigError, Params, load_params
 from stages.metrics import TsvLog, plot_curves, write_json
-from stages.training import micro_batch, plan_steps, resume, seed_step
+from stages.training import (checkpoint, micro_batch, plan_steps, require_finite, resume,
+                             seed_step)
 
 COLUMNS = ["step", "epoch", "lr", "loss", "acc", "grad_norm", "img_per_s"]
 
@@ -140,8 +139,7 @@ def _pretrain(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
             lr = stepper.set_lr(step, total, plan.warmup)
             stats = stepper.step(micro_batches, _loss)
             step, in_epoch, seen = step + 1, in_epoch + 1, seen + cfg.batch_size
-            if not all(math.isfinite(v) for v in stats.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {stats}; lower pretrain.lr")
+            require_finite(stats, step, "pretrain")
             if step % cfg.log_every == 0 or step == total:
                 stats = all_mean(stats, env)
                 ips = seen / (time.perf_counter() - t0)
@@ -151,13 +149,8 @@ def _pretrain(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats.get('acc', 0):.3f}",
                                 img_s=f"{ips:.0f}")
             bar.update(1)
-            done_epoch = in_epoch == steps[epoch]
-            extra = {"epoch": epoch + 1 if done_epoch else epoch, "in_epoch": 0 if done_epoch else in_epoch}
             if step % cfg.checkpoint_every == 0 or step == stop_after:
-                if env.main:
-                    save_train_state(run_dir, step, stepper.model, stepper.optimizer, stepper.scaler, extra)
-                if env.world > 1:
-                    torch.distributed.barrier()
+                checkpoint(run_dir, step, stepper, env, epoch, in_epoch, steps[epoch])
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 return {"stopped_at": step}

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
 from model.engine import Dist, Stepper
-from model.train_state import latest_checkpoint, load_train_state
+from model.train_state import latest_checkpoint, load_train_state, save_train_state
 from pipeline.fingerprint import stable_hash
 from pipeline.loader import LoaderConfig, epoch_steps
 from stages.config import ConfigError
@@ -54,3 +55,19 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     """Drop path draws from torch's global RNG, which DataLoader start-up also consumes:
     seeding it per step makes a resumed run replay exactly the same paths."""
     torch.manual_seed(stable_hash("drop-path", seed, step, rank) % 2**63)
+
+
+def require_finite(stats: dict, step: int, section: str) -> None:
+    if not all(math.isfinite(v) for v in stats.values()):
+        raise FloatingPointError(f"non-finite loss at step {step}: {stats}; lower {section}.lr")
+
+
+def checkpoint(run_dir: Path, step: int, stepper: Stepper, env: Dist, epoch: int,
+               in_epoch: int, epoch_len: int) -> None:
+    """Save on rank 0 (data position: the next step's epoch and offset), then sync ranks."""
+    done_epoch = in_epoch == epoch_len
+    extra = {"epoch": epoch + 1 if done_epoch else epoch, "in_epoch": 0 if done_epoch else in_epoch}
+    if env.main:
+        save_train_state(run_dir, step, stepper.model, stepper.optimizer, stepper.scaler, extra)
+    if env.world > 1:
+        torch.distributed.barrier()
