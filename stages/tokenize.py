@@ -64,7 +64,7 @@ def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
     """Tokenize every shard of `split` not yet done; returns a summary.
 
     An existing store built from other shards/tokenizer/views is an error, or,
-    with `replace_stale` (what `dvc repro` uses), moved aside and rebuilt."""
+    with `replace_stale` (what `dvc repro` uses), deleted and rebuilt."""
     cfg: TokenizeConfig = params.tokenize
     cluster = cluster or ClusterConfig(workers=cfg.workers, threads_per_worker=cfg.threads_per_worker,
                                        scheduler=cfg.scheduler, device=cfg.device)
