@@ -26,11 +26,10 @@ import torch
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.images import decode_rgb
 from pipeline.masking import MaskGenerator
-from pipeline.tarread import tar_samples
+from pipeline.tarread import image_bytes, tar_samples  # noqa: F401 - image_bytes re-exported
 from pipeline.tokens import open_tokens
 from pipeline.views import View, apply_views
 
-IMAGE_EXTS = ("jpg", "png")
 
 
 class StaleTokens(RuntimeError):
@@ -144,13 +143,6 @@ def view_of(row: np.ndarray) -> View:
     a = row.tolist()
     return View(int(round(a[0])), int(round(a[1])), int(round(a[2])), int(round(a[3])),
                 int(round(a[4])), int(round(a[5])), a[6] >= 0.5, a[7], a[8], a[9], a[10])
-
-
-def image_bytes(sample: dict) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image")
 
 
 class MIMDataset(torch.utils.data.IterableDataset):

@@ -140,3 +140,14 @@ def tar_samples(urls: Iterable[str]) -> Iterator[dict]:
             continue
         with open(url, "rb", buffering=_READ_BUFFER) as f:
             yield from _samples_of(url, tar_members(url, f))
+
+
+IMAGE_EXTS = ("jpg", "png")  # what the shard stage stores (pipeline/images.py)
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a shard sample (exactly one of .jpg / .png)."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image")

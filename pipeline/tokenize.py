@@ -12,22 +12,18 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from pipeline.images import decode_rgb
+from pipeline.tarread import image_bytes, tar_samples
 from pipeline.views import View, ViewConfig, apply_views, sample_view
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
-IMAGE_EXTS = ("jpg", "png")
 
 
 def tar_images(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(key, image bytes) in tar order."""
-    for sample in wds.tarfile_to_samples()(iter([{"url": str(path)}])):
-        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if data is None:
-            raise ValueError(f"{path}: sample {sample['__key__']} has no .jpg/.png member")
-        yield sample["__key__"], data
+    """(key, image bytes) in tar order, through the same reader as the trainer."""
+    for sample in tar_samples([str(path)]):
+        yield sample["__key__"], image_bytes(sample)
 
 
 def tokenize_shard(
