@@ -12,7 +12,8 @@ run sees exactly what an uninterrupted one saw. Colour jitter only when the
 ViewConfig enables it. Eval view: the whole image resized (`identity_view`).
 
 `label_subset` picks the low-label training subset: stratified per class,
-seeded, deterministic, a pure function of index.parquet.
+seeded, deterministic, a pure function of index.parquet; `holdout_subset`
+the validation images outside it, for tuning without the test split.
 """
 from __future__ import annotations
 
@@ -32,28 +33,55 @@ from pipeline.tarread import tar_samples
 from pipeline.views import ViewConfig, apply_view, identity_view, sample_view
 
 
-def label_subset(index_path: str | Path, fraction: float, seed: int) -> frozenset[str]:
-    """Keys kept when training on `fraction` of the labels.
-
-    Per class: sort the keys (row order of the index must not matter), permute
-    them with an RNG seeded by (seed, class), keep the first round(fraction * n)
-    (at least one per class, so every class is seen). fraction 1.0 keeps all.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label_fraction={fraction}: must be in (0, 1], e.g. 0.1")
+def _class_orders(index_path: str | Path, seed: int) -> dict[int, list[str]]:
+    """Per class: its keys sorted (row order of the index must not matter), then
+    permuted by an RNG seeded with (seed, class). The label subset is a prefix
+    of each order and the validation holdout a suffix, so they never overlap."""
     table = pq.read_table(index_path, columns=["key", "label"])
-    keys, labels = table.column("key").to_pylist(), table.column("label").to_pylist()
-    if fraction == 1.0:
-        return frozenset(keys)
     by_class: dict[int, list[str]] = {}
-    for key, label in zip(keys, labels):
+    for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
         by_class.setdefault(int(label), []).append(key)
-    kept: list[str] = []
+    orders = {}
     for label, members in sorted(by_class.items()):
         members.sort()
         rng = np.random.default_rng(stable_hash("label-fraction", seed, label))
-        n = max(1, int(round(fraction * len(members))))
-        kept.extend(members[i] for i in rng.permutation(len(members))[:n])
+        orders[label] = [members[i] for i in rng.permutation(len(members))]
+    return orders
+
+
+def _kept_count(fraction: float, n: int) -> int:
+    return n if fraction == 1.0 else max(1, int(round(fraction * n)))  # every class is seen
+
+
+def label_subset(index_path: str | Path, fraction: float, seed: int) -> frozenset[str]:
+    """Keys kept when training on `fraction` of the labels.
+
+    Per class, the first round(fraction * n) keys of `_class_orders` (at least
+    one per class). Stratified, seeded, a pure function of index.parquet;
+    fraction 1.0 keeps all.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction={fraction}: must be in (0, 1], e.g. 0.1")
+    orders = _class_orders(index_path, seed)
+    return frozenset(k for order in orders.values() for k in order[:_kept_count(fraction, len(order))])
+
+
+def holdout_subset(index_path: str | Path, fraction: float, seed: int, size: int) -> frozenset[str]:
+    """`size` train keys outside label_subset(index, fraction, seed), stratified.
+
+    A validation set for tuning a recipe without looking at the test split:
+    per class, the last ~size * n_class / n keys of `_class_orders`.
+    """
+    orders = _class_orders(index_path, seed)
+    total = sum(len(o) for o in orders.values())
+    spare = total - sum(_kept_count(fraction, len(o)) for o in orders.values())
+    if not 0 < size <= spare:
+        raise ValueError(f"validation={size}: must be in [1, {spare}], the train images outside the "
+                         f"label_fraction={fraction} subset")
+    kept: list[str] = []
+    for order in orders.values():
+        take = min(int(round(size * len(order) / total)), len(order) - _kept_count(fraction, len(order)))
+        kept.extend(order[len(order) - take:])
     return frozenset(kept)
 
 
@@ -77,15 +105,19 @@ class LabelledSplit:
 
 
 def open_labelled(shard_dir: str | Path, fraction: float = 1.0, seed: int = 0,
-                  num_classes: Optional[int] = None) -> LabelledSplit:
-    """Read index.parquet; keep a stratified `fraction` of it (see label_subset)."""
+                  num_classes: Optional[int] = None, holdout: Optional[int] = None) -> LabelledSplit:
+    """Read index.parquet; keep a stratified `fraction` of it (see label_subset),
+    or with `holdout=N`, the N-image validation set outside that fraction."""
     shard_dir = Path(shard_dir)
     index = shard_dir / "index.parquet"
     if not index.exists():
         raise FileNotFoundError(f"{index}: missing; run `beit shard` (or `dvc repro shard`)")
     table = pq.read_table(index, columns=["key", "shard", "label"])
     keys, shard_col = table.column("key").to_pylist(), table.column("shard").to_pylist()
-    keep = None if fraction == 1.0 else label_subset(index, fraction, seed)
+    if holdout is not None:
+        keep = holdout_subset(index, fraction, seed, holdout)
+    else:
+        keep = None if fraction == 1.0 else label_subset(index, fraction, seed)
     shards = tuple(dict.fromkeys(shard_col))  # first-appearance order == shard order
     counts = dict.fromkeys(shards, 0)
     for key, shard in zip(keys, shard_col):
@@ -94,6 +126,7 @@ def open_labelled(shard_dir: str | Path, fraction: float = 1.0, seed: int = 0,
     if num_classes is None:
         num_classes = int(max(table.column("label").to_pylist(), default=-1)) + 1
     fp = index_fingerprint(index) + ("" if keep is None else f"-{fraction}-{seed}")
+    fp += "" if holdout is None else f"-holdout{holdout}"
     return LabelledSplit(shard_dir, shards, tuple(counts[s] for s in shards), keep, num_classes, fp)
 
 

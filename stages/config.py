@@ -167,12 +167,18 @@ class FinetuneConfig:
     num_workers: int = 2
     shuffle_buffer: int = 2000
     eval_samples: Optional[int] = 2000  # per-epoch eval subset; the last epoch evaluates the whole split
+    # None: score data.eval_split (the reported metric). N: score N train images outside the
+    # label subset instead, so a recipe can be tuned without ever looking at the test split.
+    validation: Optional[int] = None
     checkpoint_every: int = 100
     log_every: int = 10
 
     def __post_init__(self) -> None:
         if not 0.0 < self.label_fraction <= 1.0:
             raise ConfigError(f"finetune.label_fraction={self.label_fraction}: must be in (0, 1], e.g. 0.1")
+        if self.validation is not None and (self.validation < 1 or self.label_fraction == 1.0):
+            raise ConfigError(f"finetune.validation={self.validation}: needs label_fraction < 1 and N >= 1 "
+                              "(train images outside the label subset), or null to score data.eval_split")
         if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
             raise ConfigError("finetune.epochs, .batch_size and .accum_steps must be >= 1")
         if self.batch_size % self.accum_steps:
@@ -197,7 +203,10 @@ class ProbeConfig:
     linear_metrics: str = "metrics/linear_probe.json"
     knn_metrics: str = "metrics/knn.json"
     block: Optional[int] = None  # features after this many blocks (1..depth); None: all (paper: 9 of 12 for base)
-    train_fraction: float = 0.25  # stratified subset of the train split used as probe/kNN training set
+    # Stratified share of the train split that fits the probe / is the kNN memory. None: the
+    # fine-tuning label subset itself (finetune.label_fraction, same seed: the same images), so
+    # probe, kNN and fine-tuning are compared on equal labels.
+    train_fraction: Optional[float] = None
     batch_size: int = 256  # feature extraction
     num_workers: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -209,8 +218,9 @@ class ProbeConfig:
     knn_temperature: float = 0.07  # DINO's weighted vote: weight exp(cos / T)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ConfigError(f"probe.train_fraction={self.train_fraction}: must be in (0, 1]")
+        if self.train_fraction is not None and not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"probe.train_fraction={self.train_fraction}: must be in (0, 1] or null "
+                              "(finetune.label_fraction)")
         if self.block is not None and self.block < 1:
             raise ConfigError(f"probe.block={self.block}: must be >= 1 (blocks counted from 1) or null")
         if self.knn_k < 1 or self.knn_temperature <= 0:

@@ -96,7 +96,8 @@ def build_classifier(params: Params, scratch: bool, init: Optional[str], classes
 def run_fingerprint(params: Params, kind: str, init_fp: str, train: LabelledSplit) -> str:
     """Everything that changes the trajectory; not output paths, logging or eval cadence."""
     cfg = dataclasses.asdict(params.finetune)
-    for k in ("out", "scratch_out", "runs", "log_every", "checkpoint_every", "eval_samples", "device", "init"):
+    for k in ("out", "scratch_out", "runs", "log_every", "checkpoint_every", "eval_samples", "device", "init",
+              "validation"):
         cfg.pop(k)
     return json_fingerprint({"kind": kind, "seed": params.seed, "model": params.model, "init": init_fp,
                              "image_size": params.data.image_size, "finetune": cfg,
@@ -150,7 +151,12 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
     init = None if scratch else (init or cfg.init)
     shards = Path(params.shard.out)
     train = open_labelled(shards / params.data.train_split, cfg.label_fraction, params.seed)
-    held = open_labelled(shards / params.data.eval_split)
+    if cfg.validation is None:
+        held, scored = open_labelled(shards / params.data.eval_split), params.data.eval_split
+    else:  # tuning: never touch the test split
+        held = open_labelled(shards / params.data.train_split, cfg.label_fraction, params.seed,
+                             holdout=cfg.validation)
+        scored = f"{params.data.train_split} holdout of {held.num_samples}"
     classes = num_classes(train)
     model, init_fp = build_classifier(params, scratch, init, classes)
 
@@ -227,7 +233,7 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
 
     history = [r for r in TsvLog(run_dir / "log.tsv", COLUMNS).rows() if r.get("eval_top1")] if env.main else []
     metrics = {"top1": scores["eval_top1"], "top5": scores["eval_top5"], "eval_loss": scores["eval_loss"],
-               "eval_samples": scores["eval_samples"], "train_samples": train.num_samples,
+               "eval_samples": scores["eval_samples"], "eval_on": scored, "train_samples": train.num_samples,
                "label_fraction": cfg.label_fraction, "epochs": cfg.epochs, "steps": total,
                "init": init_fp.split("-")[0], "train_loss": last.get("loss"),
                "img_per_s": last.get("img_per_s"),

@@ -126,7 +126,8 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
 
 def _data(params: Params):
     p = params.probe
-    train_x, train_y = cached_features(params, params.data.train_split, p.train_fraction)
+    fraction = params.finetune.label_fraction if p.train_fraction is None else p.train_fraction
+    train_x, train_y = cached_features(params, params.data.train_split, fraction)
     test_x, test_y = cached_features(params, params.data.eval_split, 1.0)
     classes = num_classes(open_labelled(Path(params.shard.out) / params.data.train_split))
     return train_x, train_y, test_x, test_y, classes

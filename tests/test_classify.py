@@ -12,7 +12,7 @@ import torch
 
 from helpers import make_shards, tiny_params
 from model.mixup import MixConfig, mix_batch, smooth_one_hot
-from pipeline.classify import ClassifyDataset, eval_batches, label_subset, open_labelled
+from pipeline.classify import ClassifyDataset, eval_batches, holdout_subset, label_subset, open_labelled
 from pipeline.loader import LoaderConfig, batches, epoch_steps
 from pipeline.views import ViewConfig
 
@@ -42,6 +42,21 @@ def test_label_subset_is_stratified_deterministic_and_order_free(tmp_path):
     assert all(Counter(int(k.split("-")[0]) for k in label_subset(index, 0.5, 0))[c] > per_class[c] for c in (0, 1, 2))
     with pytest.raises(ValueError, match="label_fraction"):
         label_subset(index, 0.0, 0)
+
+
+def test_validation_holdout_is_disjoint_stratified_and_bounded(tmp_path):
+    counts = {0: 500, 1: 300, 2: 100}
+    keys = [f"{c}-{i:04d}" for c, n in counts.items() for i in range(n)]
+    index = write_index(tmp_path / "a.parquet", keys, [int(k.split("-")[0]) for k in keys])
+    train = label_subset(index, 0.1, seed=0)
+    val = holdout_subset(index, 0.1, seed=0, size=180)
+    assert not train & val  # tuning never scores an image it trained on
+    assert Counter(int(k.split("-")[0]) for k in val) == {0: 100, 1: 60, 2: 20}  # class shares kept
+    assert holdout_subset(index, 0.1, seed=0, size=180) == val
+    assert holdout_subset(index, 0.1, seed=1, size=180) != val
+    assert not label_subset(index, 0.1, seed=1) & holdout_subset(index, 0.1, seed=1, size=810)  # all spare
+    with pytest.raises(ValueError, match=r"validation=811: must be in \[1, 810\]"):
+        holdout_subset(index, 0.1, seed=0, size=811)
 
 
 @pytest.fixture(scope="module")

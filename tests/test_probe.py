@@ -10,6 +10,7 @@ import torch
 from helpers import make_shards, tiny_params
 from model.beit import create_model
 from model.checkpoints import save_checkpoint
+from pipeline.classify import open_labelled
 from stages.probe import knn, knn_scores, linear_probe, topk_accuracy, train_linear
 
 torch.set_num_threads(1)
@@ -62,3 +63,8 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     assert json.loads(Path("metrics/knn.json").read_text()) == kn
     assert lp["train_samples"] == 40 and lp["eval_samples"] == 30 and lp["feature_dim"] == 128
     assert kn["k"] == 20 and 0.0 <= kn["top1"] <= kn["top5"] <= 1.0
+    # train_fraction null: exactly the fine-tuning label subset (same fraction, same seed)
+    same = dataclasses.replace(params, probe=dataclasses.replace(params.probe, train_fraction=None),
+                               finetune=dataclasses.replace(params.finetune, label_fraction=0.25))
+    want = open_labelled(Path(params.shard.out) / "train", 0.25, params.seed).num_samples
+    assert want != 40 and linear_probe(same)["train_samples"] == want
