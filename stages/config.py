@@ -207,6 +207,9 @@ class ProbeConfig:
     # fine-tuning label subset itself (finetune.label_fraction, same seed: the same images), so
     # probe, kNN and fine-tuning are compared on equal labels.
     train_fraction: Optional[float] = None
+    # Also fit both probes on raw pixels (pixels_top1): the floor features must clear. Costs
+    # N x 3*S*S floats of feature cache, so the ImageNet config turns it off.
+    pixel_reference: bool = True
     batch_size: int = 256  # feature extraction
     num_workers: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -10,6 +10,11 @@ without affine, as MAE/BEiT probes use), then one linear layer trained with
 AdamW + cosine schedule on the cached features (seconds, not minutes).
 knn: cosine similarity, k = probe.knn_k nearest train features, DINO's
 temperature-weighted vote (each neighbour votes exp(cos / T) for its class).
+
+Both also fit the same probe on raw pixels (probe.pixel_reference) (the normalised eval view the
+encoder sees, flattened) and report it as `pixels_top1`: the floor a learned
+representation has to clear. On small, centred images like Fashion-MNIST that
+floor is high, and a short pretraining run can sit below it.
 """
 from __future__ import annotations
 
@@ -49,24 +54,37 @@ def extract_features(model: BeitClassifier, split: LabelledSplit, lcfg: LoaderCo
     return torch.cat(feats), torch.cat(labels)
 
 
-def cached_features(params: Params, split_name: str, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of `split_name` (stratified `fraction` of it), computed once per fingerprint."""
+@torch.no_grad()
+def extract_pixels(split: LabelledSplit, lcfg: LoaderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (pixels float [N, 3*S*S], labels long [N]): the encoder's input view, flattened."""
+    data = ClassifyDataset(split, lcfg, seed=0, train=False)
+    pairs = [(b["image"].flatten(1), b["label"]) for b in eval_batches(data, lcfg)]  # [B, 3*S*S], [B]
+    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
+def cached_features(params: Params, split_name: str, fraction: float, pixels: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of `split_name` (stratified `fraction` of it), computed once per fingerprint.
+    pixels=True: the raw-pixel reference instead of the pretrained encoder's features."""
     cfg = params.probe
     ckpt = Path(params.pretrain.out)
-    if not (ckpt / WEIGHTS).exists():
+    if not pixels and not (ckpt / WEIGHTS).exists():
         raise FileNotFoundError(f"{ckpt}: no pretrained checkpoint; run `beit pretrain` (or `dvc repro pretrain`)")
     split = open_labelled(Path(params.shard.out) / split_name, fraction, params.seed)
-    fp = json_fingerprint({"ckpt": file_digest(ckpt / WEIGHTS), "block": cfg.block, "split": split.fingerprint,
-                           "image_size": params.data.image_size})
+    source = {"pixels": True} if pixels else {"ckpt": file_digest(ckpt / WEIGHTS), "block": cfg.block}
+    fp = json_fingerprint({**source, "split": split.fingerprint, "image_size": params.data.image_size})
     path = Path(cfg.runs) / f"features-{fp}" / f"{split_name}.safetensors"
     if path.exists():
         t = load_file(str(path))
         return t["features"], t["labels"]
-    model = BeitClassifier.from_pretrained(ckpt, num_classes=0, drop_path=0.0)
     lcfg = LoaderConfig(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         image_size=params.data.image_size)
     t0 = time.perf_counter()
-    feats, labels = extract_features(model, split, lcfg, cfg.block, setup_distributed(cfg.device).device)
+    if pixels:
+        feats, labels = extract_pixels(split, lcfg)
+    else:
+        model = BeitClassifier.from_pretrained(ckpt, num_classes=0, drop_path=0.0)
+        feats, labels = extract_features(model, split, lcfg, cfg.block, setup_distributed(cfg.device).device)
     click.echo(f"features: {split_name} {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -124,36 +142,53 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
     return torch.cat(out)  # [M, K]
 
 
-def _data(params: Params):
+def _data(params: Params, pixels: bool = False):
     p = params.probe
     fraction = params.finetune.label_fraction if p.train_fraction is None else p.train_fraction
-    train_x, train_y = cached_features(params, params.data.train_split, fraction)
-    test_x, test_y = cached_features(params, params.data.eval_split, 1.0)
+    train_x, train_y = cached_features(params, params.data.train_split, fraction, pixels)
+    test_x, test_y = cached_features(params, params.data.eval_split, 1.0, pixels)
     classes = num_classes(open_labelled(Path(params.shard.out) / params.data.train_split))
     return train_x, train_y, test_x, test_y, classes
 
 
-def linear_probe(params: Params) -> dict:
+def _fit_linear(params: Params, pixels: bool) -> tuple[dict, dict, int, int, int]:
+    """-> (test top-k, train top-k, train size, eval size, feature dim)."""
     p = params.probe
-    train_x, train_y, test_x, test_y, classes = _data(params)
+    train_x, train_y, test_x, test_y, classes = _data(params, pixels)
     linear, mean, std = train_linear(train_x, train_y, classes, p.epochs, p.lr, p.weight_decay,
                                      p.linear_batch_size, params.seed)
     with torch.no_grad():
         test = topk_accuracy(linear((test_x - mean) / std), test_y)
         train = topk_accuracy(linear((train_x - mean) / std), train_y)
+    return test, train, len(train_x), len(test_x), train_x.shape[1]
+
+
+def linear_probe(params: Params) -> dict:
+    p = params.probe
+    test, train, n_train, n_eval, dim = _fit_linear(params, pixels=False)
     metrics = {**test, "train_top1": train["top1"], "block": p.block or "last",
-               "train_samples": len(train_x), "eval_samples": len(test_x), "feature_dim": train_x.shape[1]}
+               "train_samples": n_train, "eval_samples": n_eval, "feature_dim": dim}
+    if p.pixel_reference:
+        metrics["pixels_top1"] = _fit_linear(params, pixels=True)[0]["top1"]
     write_json(p.linear_metrics, metrics)
     return metrics
 
 
+def _knn_top(params: Params, pixels: bool) -> tuple[dict, int, int]:
+    p = params.probe
+    train_x, train_y, test_x, test_y, classes = _data(params, pixels)
+    scores = knn_scores(train_x, train_y, test_x, classes, p.knn_k, p.knn_temperature)
+    return topk_accuracy(scores, test_y), len(train_x), len(test_x)
+
+
 def knn(params: Params) -> dict:
     p = params.probe
-    train_x, train_y, test_x, test_y, classes = _data(params)
-    scores = knn_scores(train_x, train_y, test_x, classes, p.knn_k, p.knn_temperature)
-    metrics = {**topk_accuracy(scores, test_y), "k": p.knn_k, "temperature": p.knn_temperature,
+    top, n_train, n_eval = _knn_top(params, pixels=False)
+    metrics = {**top, "k": p.knn_k, "temperature": p.knn_temperature,
                "vote": "temperature-weighted (DINO)", "block": p.block or "last",
-               "train_samples": len(train_x), "eval_samples": len(test_x)}
+               "train_samples": n_train, "eval_samples": n_eval}
+    if p.pixel_reference:
+        metrics["pixels_top1"] = _knn_top(params, pixels=True)[0]["top1"]
     write_json(p.knn_metrics, metrics)
     return metrics
 

@@ -88,6 +88,8 @@ ROWS = [
     ("Fine-tuning", "scratch top-5 (%)", "scratch", "top5", "pct", ""),
     ("Frozen features", "linear probe top-1 (%)", "linear_probe", "top1", "pct", ""),
     ("Frozen features", "kNN top-1 (%)", "knn", "top1", "pct", ""),
+    ("Frozen features", "raw-pixel linear probe top-1 (%), the floor", "linear_probe", "pixels_top1", "pct", ""),
+    ("Frozen features", "raw-pixel kNN top-1 (%), the floor", "knn", "pixels_top1", "pct", ""),
     ("Pretraining", "masked-token accuracy, held out (%)", "pretrain", "eval_acc", "pct", ""),
     ("Pretraining", "MIM loss, held out", "pretrain", "eval_loss", "num", "≈ ln(8192) = 9.01 at init (8192 codes)"),
     ("Pretraining", "MIM loss, last train step", "pretrain", "train_loss", "num", ""),
@@ -157,6 +159,10 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
     row.update({k: params.get(k) for k in EXP_PARAMS})
     row["finetune_top1"] = _metric_of(data, sources.get("finetune"), "top1")
     row["scratch_top1"] = _metric_of(data, sources.get("scratch"), "top1")
+    # Frozen-feature scores carry no fine-tuning noise: the cleaner read of a pretraining ablation.
+    row["linear_probe_top1"] = _metric_of(data, sources.get("linear_probe"), "top1")
+    row["knn_top1"] = _metric_of(data, sources.get("knn"), "top1")
+    row["mim_acc"] = _metric_of(data, sources.get("pretrain"), "eval_acc")
     return row
 
 
@@ -280,14 +286,15 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
                                  "`-S target=pixels`, `-S mask_ratio=0.3`, then `beit report`.")
     else:
         head = ["experiment", "rev", *EXP_PARAMS, "finetune top-1 (%)", "scratch top-1 (%)",
-                "finetune − scratch"]
+                "finetune − scratch", "linear probe (%)", "kNN (%)", "masked-token acc (%)"]
         body = []
         for r in experiments or []:
             delta = (r["finetune_top1"] - r["scratch_top1"]
                      if r["finetune_top1"] is not None and r["scratch_top1"] is not None else None)
             label = {"workspace": "workspace", "baseline": f"{r['name']} (baseline)"}.get(r["kind"], r["name"])
             body.append([label, r["rev"], *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
-                         _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}"])
+                         _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
+                         _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
         lines += _table(head, body)
         lines += ["", f"{len(exps)} experiment(s) from `dvc exp show --json`; the paper's ablation "
                       "above is the reference for the direction of each change."]

@@ -82,6 +82,21 @@ def test_resume_after_stop_equals_uninterrupted(world, uninterrupted, monkeypatc
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_validation_scores_a_train_holdout_not_the_test_split(world, uninterrupted, monkeypatch):
+    from pipeline.classify import open_labelled
+    full_params, full = uninterrupted
+    # Same runs dir: validation must not change the run fingerprint, so the finished run is
+    # resumed (from its last epoch checkpoint) instead of trained anew.
+    params = params_for(world, "val", validation=20, runs=full_params.finetune.runs)
+    (world / "val").mkdir()
+    monkeypatch.chdir(world / "val")
+    metrics = train_classifier(params, scratch=False)
+    want = open_labelled(Path(params.shard.out) / "train", 0.5, params.seed, holdout=20).num_samples
+    assert metrics["eval_samples"] == want and 15 <= want <= 25
+    assert metrics["eval_on"] == f"train holdout of {want}" and full["eval_on"] == "test"
+    assert metrics["steps"] == full["steps"] and metrics["train_loss"] == pytest.approx(full["train_loss"])
+
+
 def test_finetune_and_scratch_differ_in_init_only(world):
     params = params_for(world, "cmp")
     ft, ft_fp = build_classifier(params, scratch=False, init=None, classes=10)

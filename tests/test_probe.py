@@ -55,7 +55,11 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lp = linear_probe(params)
     cache = sorted((tmp_path / "runs").glob("features-*/*.safetensors"))
-    assert sorted(p.name for p in cache) == ["test.safetensors", "train.safetensors"]
+    # two feature caches: the encoder's and the raw-pixel reference's
+    assert sorted(p.name for p in cache) == ["test.safetensors"] * 2 + ["train.safetensors"] * 2
+    from safetensors.torch import load_file
+    dims = sorted(load_file(str(p))["features"].shape[1] for p in cache if p.name == "train.safetensors")
+    assert dims == [128, 3 * 32 * 32]  # encoder width; the flattened 32 px input view
     stamps = [p.stat().st_mtime_ns for p in cache]
     kn = knn(params)
     assert [p.stat().st_mtime_ns for p in cache] == stamps  # knn reused the probe's features
@@ -63,6 +67,7 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     assert json.loads(Path("metrics/knn.json").read_text()) == kn
     assert lp["train_samples"] == 40 and lp["eval_samples"] == 30 and lp["feature_dim"] == 128
     assert kn["k"] == 20 and 0.0 <= kn["top1"] <= kn["top5"] <= 1.0
+    assert 0.0 <= lp["pixels_top1"] <= 1.0 and 0.0 <= kn["pixels_top1"] <= 1.0
     # train_fraction null: exactly the fine-tuning label subset (same fraction, same seed)
     same = dataclasses.replace(params, probe=dataclasses.replace(params.probe, train_fraction=None),
                                finetune=dataclasses.replace(params.finetune, label_fraction=0.25))

@@ -71,6 +71,8 @@ def test_parse_recorded_exp_show(params):
         ("experiment", "laced-adze", "55964a5", 0.3, "block", "tokens", 0, 70.0, 70.0),
     ]
     assert all(r["baseline"] == "master" for r in rows if r["kind"] == "experiment")
+    # frozen-feature columns: this recording has pretrain metrics but no probe/kNN files
+    assert rows[2]["mim_acc"] == pytest.approx(20.0) and rows[2]["linear_probe_top1"] is None
 
 
 def test_parse_without_experiments(params):
@@ -121,7 +123,7 @@ def test_report_all_metrics(tmp_path, params):
     assert table_row(md, "DeiT-B from scratch") == ["DeiT-B from scratch", "81.8"]
     assert [table_row(md, v)[3] for v, *_ in rep.PAPER_ABLATION] == ["82.86", "82.77", "81.04", "80.50"]
     assert table_row(md, "elfin-duff") == ["elfin-duff", "e952797", "0.40", "random", "pixels", "0",
-                                           "73.00", "70.00", "+3.00"]
+                                           "73.00", "70.00", "+3.00", "—", "—", "20.00"]
     assert table_row(md, "master (baseline)")[6] == "80.00"
     assert table_row(md, "laced-adze")[2] == "0.30"
     assert "![results](results.png)" in md
