@@ -94,10 +94,11 @@ def build_classifier(params: Params, scratch: bool, init: Optional[str], classes
 
 
 def run_fingerprint(params: Params, kind: str, init_fp: str, train: LabelledSplit) -> str:
-    """Everything that changes the trajectory; not output paths, logging or eval cadence."""
+    """Everything that changes the trajectory; not output paths, logging or eval cadence.
+    `validation` stays in although it only changes what is scored: the run's log holds the
+    per-epoch scores, and a tuning run must never report test-split scores (or vice versa)."""
     cfg = dataclasses.asdict(params.finetune)
-    for k in ("out", "scratch_out", "runs", "log_every", "checkpoint_every", "eval_samples", "device", "init",
-              "validation"):
+    for k in ("out", "scratch_out", "runs", "log_every", "checkpoint_every", "eval_samples", "device", "init"):
         cfg.pop(k)
     return json_fingerprint({"kind": kind, "seed": params.seed, "model": params.model, "init": init_fp,
                              "image_size": params.data.image_size, "finetune": cfg,

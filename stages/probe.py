@@ -11,9 +11,9 @@ AdamW + cosine schedule on the cached features (seconds, not minutes).
 knn: cosine similarity, k = probe.knn_k nearest train features, DINO's
 temperature-weighted vote (each neighbour votes exp(cos / T) for its class).
 
-Both also fit the same probe on raw pixels (probe.pixel_reference) (the normalised eval view the
-encoder sees, flattened) and report it as `pixels_top1`: the floor a learned
-representation has to clear. On small, centred images like Fashion-MNIST that
+With probe.pixel_reference, both also fit the same probe on raw pixels (the
+normalised eval view the encoder sees, flattened) and report it as
+`pixels_top1`: the floor a learned representation has to clear. On small, centred images like Fashion-MNIST that
 floor is high, and a short pretraining run can sit below it.
 """
 from __future__ import annotations
@@ -54,7 +54,6 @@ def extract_features(model: BeitClassifier, split: LabelledSplit, lcfg: LoaderCo
     return torch.cat(feats), torch.cat(labels)
 
 
-@torch.no_grad()
 def extract_pixels(split: LabelledSplit, lcfg: LoaderConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (pixels float [N, 3*S*S], labels long [N]): the encoder's input view, flattened."""
     data = ClassifyDataset(split, lcfg, seed=0, train=False)

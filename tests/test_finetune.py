@@ -85,8 +85,8 @@ def test_resume_after_stop_equals_uninterrupted(world, uninterrupted, monkeypatc
 def test_validation_scores_a_train_holdout_not_the_test_split(world, uninterrupted, monkeypatch):
     from pipeline.classify import open_labelled
     full_params, full = uninterrupted
-    # Same runs dir: validation must not change the run fingerprint, so the finished run is
-    # resumed (from its last epoch checkpoint) instead of trained anew.
+    # Same runs dir, but a run of its own (its log must hold holdout scores only); the
+    # trajectory is the same as the test-scored run's.
     params = params_for(world, "val", validation=20, runs=full_params.finetune.runs)
     (world / "val").mkdir()
     monkeypatch.chdir(world / "val")
@@ -95,6 +95,7 @@ def test_validation_scores_a_train_holdout_not_the_test_split(world, uninterrupt
     assert metrics["eval_samples"] == want and 15 <= want <= 25
     assert metrics["eval_on"] == f"train holdout of {want}" and full["eval_on"] == "test"
     assert metrics["steps"] == full["steps"] and metrics["train_loss"] == pytest.approx(full["train_loss"])
+    assert len(metrics["epoch_top1"]) == 2 and len(list((world / "full/runs").glob("finetune-*"))) == 2
 
 
 def test_finetune_and_scratch_differ_in_init_only(world):
