@@ -34,37 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclasses.dataclass(frozen=True)
-class DVAEConfig:
-    """Sizes. Defaults: 32 px -> 8x8 codes, the patch grid of the default ViT (patch 4)."""
-
-    image_size: int = 32
-    in_channels: int = 3
-    vocab_size: int = 1024
-    downsample: int = 4  # power of two; grid = image_size // downsample
-    hidden: int = 32  # width at full resolution; doubles after each 2x downsample
-    blocks_per_group: int = 1
-    codebook_dim: int = 32  # cosine logits compare l2-normalised d-dim features with d-dim codes
-
-    def __post_init__(self) -> None:
-        d = self.downsample
-        if d < 1 or d & (d - 1):
-            raise ValueError(f"dvae downsample={d}: must be a power of two (4 for 32 px -> 8x8)")
-        if self.image_size % d:
-            raise ValueError(f"dvae image_size={self.image_size} is not divisible by downsample={d}")
-        if self.vocab_size < 2 or self.hidden < 1 or self.blocks_per_group < 1 or self.codebook_dim < 1:
-            raise ValueError("dvae vocab_size >= 2, hidden, blocks_per_group and codebook_dim >= 1 are required")
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        g = self.image_size // self.downsample
-        return g, g
-
-    @property
-    def widths(self) -> list[int]:
-        """Channel width of each resolution level, finest first."""
-        return [self.hidden * 2**i for i in range(int(math.log2(self.downsample)) + 1)]
+from model.schema import DVAEConfig, DVAESchedule
 
 
 # The 112 px -> 14x14 configuration (8x down) for ImageNet-scale use.
@@ -241,27 +211,6 @@ def kmeanspp(feats: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------- training
-
-
-@dataclasses.dataclass(frozen=True)
-class DVAESchedule:
-    """Optimisation knobs; *_frac are fractions of the total step count (DALL-E's shapes, cosine)."""
-
-    lr: float = 2e-3
-    lr_min_ratio: float = 0.01  # final lr = lr * ratio
-    warmup_frac: float = 0.02
-    weight_decay: float = 1e-4
-    temp_start: float = 1.0
-    temp_end: float = 1 / 16
-    temp_anneal_frac: float = 0.7
-    kl_weight: float = 1e-4  # relative to per-pixel MSE; larger spreads codes, smaller sharpens recon
-    kl_warmup_frac: float = 0.1
-    grad_clip: float = 1.0
-    straight_through: bool = False  # decoder sees hard one-hots (soft gradients)
-    entropy_weight: float = 0.01  # x (log V - H(batch-mean q)); spreads codes over the batch; 0 disables
-    init_codes: bool = True  # k-means++ codebook init on the first batch's features
-    restart_every: int = 20  # steps between dead-code restarts; 0 disables
-    restart_until_frac: float = 0.8  # no restarts after this fraction of steps (codes settle)
 
 
 def _cosine(start: float, end: float, t: float) -> float:

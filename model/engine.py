@@ -16,18 +16,7 @@ import torch
 import torch.distributed as dist
 
 from model.optim import lr_at, param_groups
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1.5e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: Optional[float] = 3.0
-    layer_decay: Optional[float] = None  # finetune: lr scale per block
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    compile: bool = False
+from model.schema import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)

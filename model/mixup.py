@@ -11,18 +11,7 @@ import math
 import numpy as np
 import torch
 
-
-@dataclasses.dataclass(frozen=True)
-class MixConfig:
-    mixup_alpha: float = 0.8  # 0 disables mixup
-    cutmix_alpha: float = 1.0  # 0 disables cutmix
-    switch_prob: float = 0.5  # P(cutmix) when both are enabled
-    prob: float = 1.0  # P(mixing a batch at all)
-    smoothing: float = 0.1
-
-    @property
-    def enabled(self) -> bool:
-        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+from model.schema import MixConfig
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:

@@ -14,14 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-
-@dataclasses.dataclass(frozen=True)
-class ClusterConfig:
-    workers: int = 2  # LocalCluster processes (ignored with `scheduler`); 0: in-process, no Dask
-    threads_per_worker: int = 1  # torch threads per worker process, too
-    scheduler: Optional[str] = None  # e.g. "tcp://host:8786": use an existing cluster
-    device: str = "cpu"  # "cpu" | "cuda": with cuda, tasks ask for resources={"GPU": 1}
-    retries: int = 2
+from pipeline.schema import ClusterConfig
 
 
 @contextlib.contextmanager

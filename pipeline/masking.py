@@ -42,7 +42,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-KINDS = ("block", "random")
+from pipeline.schema import KINDS, MaskingConfig
+
 
 # The paper's setting: min 16 patches on a 14x14 grid.
 _PAPER_MIN_BLOCK = 16
@@ -225,32 +226,6 @@ def _grow(rng, mask, k) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskingConfig:
-    """Masking params (top-level `masking`, `mask_ratio` in params.yaml, plus tuning knobs)."""
-
-    kind: Literal["block", "random"] = "block"
-    mask_ratio: float = 0.4
-    min_block: Optional[int] = None  # None: 16 patches scaled by grid area (see module doc)
-    max_block: Optional[int] = None  # None: the whole target, as the reference
-    min_aspect: float = 0.3
-    tries: int = 10
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"masking={self.kind!r}: must be one of {', '.join(KINDS)}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio={self.mask_ratio}: must be in (0, 1), e.g. 0.4")
-        if self.min_block is not None and self.min_block < 1:
-            raise ValueError(f"min_block={self.min_block}: must be >= 1 or null")
-        if self.max_block is not None and self.max_block < 1:
-            raise ValueError(f"max_block={self.max_block}: must be >= 1 or null")
-        if not 0.0 < self.min_aspect <= 1.0:
-            raise ValueError(f"min_aspect={self.min_aspect}: must be in (0, 1], e.g. 0.3")
-        if self.tries < 1:
-            raise ValueError(f"tries={self.tries}: must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
 class MaskGenerator:
     """Config bound to a grid. `gen(rng)` -> bool [h, w]; `gen.batch(rng, b)` -> bool [b, h, w]."""
 
@@ -260,9 +235,9 @@ class MaskGenerator:
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
         num_masked_for(self.grid, self.config.mask_ratio)  # validates grid and ratio
-        mb = self.min_block
-        if self.config.max_block is not None and self.config.max_block < mb:
-            raise ValueError(f"max_block={self.config.max_block}: must be >= min_block={mb}")
+        mb, max_block = self.min_block, self.config.blocks.max_block
+        if max_block is not None and max_block < mb:
+            raise ValueError(f"max_block={max_block}: must be >= min_block={mb}")
 
     @property
     def num_patches(self) -> int:
@@ -274,14 +249,14 @@ class MaskGenerator:
 
     @property
     def min_block(self) -> int:
-        c = self.config
-        return default_min_block(self.grid) if c.min_block is None else c.min_block
+        b = self.config.blocks
+        return default_min_block(self.grid) if b.min_block is None else b.min_block
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        c = self.config
+        b = self.config.blocks
         return make_mask(
-            rng, self.grid, self.num_masked, kind=c.kind, min_block=self.min_block,
-            max_block=c.max_block, min_aspect=c.min_aspect, tries=c.tries,
+            rng, self.grid, self.num_masked, kind=self.config.kind, min_block=self.min_block,
+            max_block=b.max_block, min_aspect=b.min_aspect, tries=b.tries,
         )
 
     def batch(self, rng: np.random.Generator, size: int) -> np.ndarray:

@@ -37,36 +37,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
+from pipeline.schema import ViewConfig
+
 # ITU-R 601 luma weights, the ones torchvision's rgb_to_grayscale uses.
 _LUMA = (0.2989, 0.587, 0.114)
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewConfig:
-    """Augmentation ranges; the defaults are BEiT's pretraining recipe."""
-
-    scale: tuple[float, float] = (0.08, 1.0)  # crop area / image area
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height, sampled log-uniformly
-    flip_p: float = 0.5
-    brightness: float = 0.4  # factor ~ U[max(0, 1-x), 1+x]; 0 disables
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.0  # shift ~ U[-x, x] in [-0.5, 0.5]; 0 disables
-
-    def __post_init__(self) -> None:
-        s0, s1 = self.scale
-        r0, r1 = self.ratio
-        if not 0.0 < s0 <= s1 <= 1.0:
-            raise ValueError(f"view scale={self.scale}: need 0 < min <= max <= 1, e.g. (0.08, 1.0)")
-        if not 0.0 < r0 <= r1:
-            raise ValueError(f"view ratio={self.ratio}: need 0 < min <= max, e.g. (0.75, 1.333)")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"view flip_p={self.flip_p}: must be in [0, 1]")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"view {name}={getattr(self, name)}: must be >= 0 (0 disables)")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"view hue={self.hue}: must be in [0, 0.5] (0 disables)")
 
 
 @dataclasses.dataclass(frozen=True)

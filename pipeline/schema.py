@@ -1,0 +1,146 @@
+"""The typed settings the data plane runs with; params.yaml sections are built from these.
+
+Each class is the one the code takes (`shard_split` a `ShardConfig`, the views an
+`ViewConfig`, the datasets a `LoaderConfig`, ...), and `stages/config.py` nests them
+into the params.yaml sections as they are, so no field is ever restated or copied.
+Values a stage derives at run time (a per-rank batch size, an image size read from
+the model) are arguments, not fields. Validation lives in `__post_init__`, once.
+
+This module imports no torch (and nothing heavy): `beit report --help`, `beit shard`
+and the config loader stay light. tests/test_layers.py checks it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+KINDS = ("block", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    """What `beit shard` does to an image; everything besides the entries that changes the stored bytes."""
+
+    resize_short: Optional[int] = None  # shrink so the shorter side is <= N; never enlarge
+    max_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
+    jpeg_quality: int = 95  # for images that must be re-encoded
+    verify: bool = False  # fully decode pass-through JPEGs too (slow; default checks header + EOI)
+
+    def __post_init__(self) -> None:
+        if self.resize_short is not None and self.resize_short < 1:
+            raise ValueError(f"resize_short={self.resize_short}: must be >= 1 (e.g. 256) or null for no resize")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels={self.max_pixels}: must be >= 1")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality={self.jpeg_quality}: must be in 1..100 (e.g. 95)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardConfig:
+    """`shard_split`: how a split is cut into tars and by how many processes."""
+
+    shard_size: int = 5000  # samples per tar
+    workers: int = 2  # worker processes, one shard each
+    strict: bool = False  # stop at the first bad input instead of listing it in rejected.jsonl
+    encode: EncodeConfig = EncodeConfig()
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size={self.shard_size}: must be >= 1 (samples per tar, e.g. 5000)")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """Augmentation ranges; the defaults are BEiT's pretraining recipe."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area / image area
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height, sampled log-uniformly
+    flip_p: float = 0.5
+    brightness: float = 0.4  # factor ~ U[max(0, 1-x), 1+x]; 0 disables
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.0  # shift ~ U[-x, x] in [-0.5, 0.5]; 0 disables
+
+    def __post_init__(self) -> None:
+        s0, s1 = self.scale
+        r0, r1 = self.ratio
+        if not 0.0 < s0 <= s1 <= 1.0:
+            raise ValueError(f"view scale={self.scale}: need 0 < min <= max <= 1, e.g. (0.08, 1.0)")
+        if not 0.0 < r0 <= r1:
+            raise ValueError(f"view ratio={self.ratio}: need 0 < min <= max, e.g. (0.75, 1.333)")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ValueError(f"view flip_p={self.flip_p}: must be in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"view {name}={getattr(self, name)}: must be >= 0 (0 disables)")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"view hue={self.hue}: must be in [0, 0.5] (0 disables)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+    """The blockwise generator's block knobs (paper Algorithm 1); `pretrain.blocks` in params.yaml."""
+
+    min_block: Optional[int] = None  # None: 16 patches scaled by grid area (pipeline/masking.py)
+    max_block: Optional[int] = None  # None: the whole target, as the reference
+    min_aspect: float = 0.3  # aspect ratios log-uniform in [min_aspect, 1/min_aspect]
+    tries: int = 10  # placement attempts per block
+
+    def __post_init__(self) -> None:
+        if self.min_block is not None and self.min_block < 1:
+            raise ValueError(f"min_block={self.min_block}: must be >= 1 or null")
+        if self.max_block is not None and self.max_block < 1:
+            raise ValueError(f"max_block={self.max_block}: must be >= 1 or null")
+        if not 0.0 < self.min_aspect <= 1.0:
+            raise ValueError(f"min_aspect={self.min_aspect}: must be in (0, 1], e.g. 0.3")
+        if self.tries < 1:
+            raise ValueError(f"tries={self.tries}: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingConfig:
+    """The mask generator's settings: top-level `masking` and `mask_ratio` (so that
+    `dvc exp run -S mask_ratio=0.3` works) plus the block shape."""
+
+    kind: Literal["block", "random"] = "block"
+    mask_ratio: float = 0.4
+    blocks: BlockShape = BlockShape()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"masking={self.kind!r}: must be one of {', '.join(KINDS)}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio={self.mask_ratio}: must be in (0, 1), e.g. 0.4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """How a dataset is streamed: DataLoader workers per rank and the shuffle buffer.
+    The batch size (per rank and micro-step) and the output size are arguments."""
+
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError(f"num_workers={self.num_workers} must be >= 0 and "
+                             f"shuffle_buffer={self.shuffle_buffer} >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Where Dask runs the per-shard tasks."""
+
+    workers: int = 2  # LocalCluster processes (ignored with `scheduler`); 0: in-process, no Dask
+    threads_per_worker: int = 1  # torch threads per worker process, too
+    scheduler: Optional[str] = None  # e.g. "tcp://host:8786": use an existing cluster
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: one worker per GPU, tasks ask for resources={"GPU": 1}
+    retries: int = 2  # re-runs of a task whose worker died (its writes are idempotent)
+
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.threads_per_worker < 1 or self.retries < 0:
+            raise ValueError("workers must be >= 0, threads_per_worker >= 1, retries >= 0")
