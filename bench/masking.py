@@ -22,7 +22,9 @@ import time
 
 import numpy as np
 
-from pipeline.masking import MaskGenerator, MaskingConfig
+from pipeline.masking import MaskGenerator
+
+from pipeline.schema import MaskingConfig
 
 
 class ReferenceMaskingGenerator:  # unilm, trimmed; kept verbatim in logic

@@ -9,7 +9,7 @@ interleaved repeats).
            dalle  model `tiny` (224 px, patch 16, 14x14, 12 x 192 wide) + the DALL-E encoder
                   architecture at 112 px (14x14, 8192 codes); `--vit base` for ViT-B.
                   Random weights everywhere (speed only).
-  loader (c) MIMDataset through pipeline.loader.batches(), 1 DataLoader worker process
+  loader (c) MIMDataset through pipeline.stream.batches(), 1 DataLoader worker process
              (and num_workers=0, in-process), images/s after the first batch
          (d) decode_rgb + apply_view alone on the same samples and views, one core
          ratio loader / (d) = share of the per-core data limit the loader delivers
@@ -41,14 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.beit import create_model  # noqa: E402
-from model.engine import Dist, OptimConfig, Stepper  # noqa: E402
+from model.engine import Dist, Stepper  # noqa: E402
+from model.schema import OptimConfig
 from pipeline.fingerprint import index_fingerprint, stable_hash  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.loader import LoaderConfig, MIMDataset, attach_tokens, batches, image_bytes, open_split  # noqa: E402
-from pipeline.masking import MaskGenerator, MaskingConfig  # noqa: E402
+from pipeline.masking import MaskGenerator  # noqa: E402
+from pipeline.schema import MaskingConfig
+from pipeline.mim import MIMDataset, attach_tokens, open_split  # noqa: E402
+from pipeline.schema import LoaderConfig  # noqa: E402
+from pipeline.shardread import decode_rgb, image_bytes, tar_samples  # noqa: E402
+from pipeline.stream import batches  # noqa: E402
 from pipeline.tokens import StoreSpec, create_or_open, open_tokens  # noqa: E402
-from pipeline.tarread import tar_samples  # noqa: E402
-from pipeline.views import View, ViewConfig, apply_view, apply_views  # noqa: E402
+from pipeline.views import View, apply_view, apply_views  # noqa: E402
+from pipeline.schema import ViewConfig
 
 REAL = ROOT / "data" / "shards" / "train"
 
@@ -222,7 +226,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
         for data, view in samples[:n]:
             apply_view(decode_rgb(data), view, size)
 
-    chunk = MIMDataset(split, LoaderConfig(image_size=size), None, 0).render_chunk
+    chunk = MIMDataset(split, LoaderConfig(), size, None, 0).render_chunk
 
     def decode_augment_chunked():
         for i in range(0, n, chunk):
@@ -230,9 +234,9 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
             apply_views([decode_rgb(d) for d, _ in part], [v for _, v in part], size)
 
     def loader(workers: int, cls=MIMDataset):
-        cfg = LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=shuffle, image_size=size)
-        ds = cls(split, cfg, masks, seed=0)
-        it = batches(ds, cfg, epoch=0)
+        cfg = LoaderConfig(num_workers=workers, shuffle_buffer=shuffle)
+        ds = cls(split, cfg, size, masks, seed=0)
+        it = batches(ds, batch, cfg.num_workers, epoch=0)
         next(it)  # worker start-up, shuffle-buffer fill, first batch: not counted
         t = time.perf_counter()
         k = sum(1 for _ in it)
@@ -268,8 +272,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
 
     # Where the loader's extra time goes (in-process, one thread), per image.
     torch.set_num_threads(1)
-    cfg = LoaderConfig(batch_size=batch, num_workers=0, image_size=size)
-    ds = MIMDataset(split, cfg, masks, seed=0)
+    ds = MIMDataset(split, LoaderConfig(num_workers=0), size, masks, seed=0)
     urls = [str(split.shard_dir / s) for s in split.shards]
     tar_t = timed3(lambda: sum(1 for _ in tar_samples(urls)))
     wds_t = timed3(lambda: sum(1 for _ in wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))))
@@ -294,7 +297,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
                                         [v for _, v in samples[i:i + chunk]], size)
                             for i in range(0, m, chunk)])
     print("  per image, in-process, 1 thread (median of 3 passes each):")
-    for k, t in (("tar read (pipeline.tarread)", tar_t), ("tar read (webdataset, before)", wds_t),
+    for k, t in (("tar read (pipeline.shardread)", tar_t), ("tar read (webdataset, before)", wds_t),
                  ("tar read + attach_tokens", stream_t), ("make_samples (all)", make_t),
                  ("  of which decode+apply_views", dac_t), ("  (decode+apply_view 1 by 1)", da_t),
                  ("  of which block mask + rng", mask_t), ("  (the same, before)", ref_mask_t),
@@ -329,7 +332,8 @@ def main(batch: int, steps: int, dalle_batch: int, vit: str, repeats: int, threa
          loader_images: int, loader_batch: int, views: int, dalle: bool, step: bool, scale: str,
          shuffle_buffer: int, imagenet_images: int, imagenet_batch: int, legacy: bool) -> None:
     from model.dalle import DalleConfig, DalleVAE
-    from model.dvae import DVAE, DVAEConfig
+    from model.dvae import DVAE
+    from model.schema import DVAEConfig
     from model.tokenizer import Tokenizer
 
     t0 = time.perf_counter()

@@ -41,7 +41,8 @@ import simplejpeg  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.shards import Settings, shard_split  # noqa: E402
+from pipeline.schema import EncodeConfig, ShardConfig  # noqa: E402
+from pipeline.shards import shard_split  # noqa: E402
 from pipeline.sources import ImageFolderSource  # noqa: E402
 
 DISTINCT = 500
@@ -81,9 +82,9 @@ def files(root: Path, split: str) -> list[tuple[Path, int]]:
 
 
 def run_ours(src: Path, split: str, out: Path, shard_size: int, workers: int = 1, resize_short: int | None = None) -> None:
-    settings = Settings(resize_short=resize_short, max_pixels=MAX_PIXELS, jpeg_quality=95)
-    shard_split(ImageFolderSource(src), split, out, seed=0, shard_size=shard_size, settings=settings,
-                workers=workers, progress=False)
+    encode = EncodeConfig(resize_short=resize_short, max_pixels=MAX_PIXELS, jpeg_quality=95)
+    shard_split(ImageFolderSource(src), split, out, ShardConfig(shard_size, workers, encode=encode),
+                seed=0, progress=False)
 
 
 def run_shardwriter(src: Path, split: str, out: Path, shard_size: int) -> None:
@@ -123,10 +124,12 @@ def run_pil(src: Path, split: str, resize_short: int) -> None:
 def run_cold(src: Path, split: str, out: Path, shard_size: int, workers: int, resize_short: int | None) -> float:
     """Seconds for a fresh interpreter to import the sharder and shard the split (as `beit shard` does)."""
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-            "from pipeline.shards import Settings, shard_split\n"
+            "from pipeline.schema import EncodeConfig, ShardConfig\n"
+            "from pipeline.shards import shard_split\n"
             "from pipeline.sources import ImageFolderSource\n"
-            f"shard_split(ImageFolderSource({str(src)!r}), {split!r}, {str(out)!r}, seed=0, shard_size={shard_size},"
-            f" settings=Settings({resize_short!r}, {MAX_PIXELS}, 95), workers={workers}, progress=False)\n")
+            f"shard_split(ImageFolderSource({str(src)!r}), {split!r}, {str(out)!r},"
+            f" ShardConfig({shard_size}, {workers}, encode=EncodeConfig({resize_short!r}, {MAX_PIXELS}, 95)),"
+            f" seed=0, progress=False)\n")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - start

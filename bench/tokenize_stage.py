@@ -54,10 +54,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.shardread import decode_rgb  # noqa: E402
 from pipeline.tokenize import tar_images, tokenize_shard  # noqa: E402
 from pipeline.tokens import StoreSpec, create_or_open  # noqa: E402
-from pipeline.views import View, ViewConfig, apply_views, sample_view  # noqa: E402
+from pipeline.views import View, apply_views, sample_view  # noqa: E402
+from pipeline.schema import ViewConfig
 
 REAL = ROOT / "data" / "shards" / "train"
 
@@ -97,14 +98,14 @@ def fashion_shards(out: Path, n_shards: int, per_shard: int) -> str:
     else:
         from PIL import Image
 
-        from pipeline.synthetic import _shape
+        from pipeline.synthetic import shape_image
 
         rng = np.random.default_rng(0)
         for s in range(n_shards):
             samples = []
             for i in range(per_shard):
                 buf = io.BytesIO()
-                Image.fromarray(np.repeat(_shape(rng, i % 10)[:, :, None], 3, 2)).save(buf, format="PNG")
+                Image.fromarray(np.repeat(shape_image(rng, i % 10)[:, :, None], 3, 2)).save(buf, format="PNG")
                 samples.append((f"s{s}-{i:06d}", "png", buf.getvalue(), i % 10))
             shards[f"train-{s:06d}.tar"] = samples
         source = "synthetic Fashion-MNIST look-alikes (no data/shards/train)"
@@ -234,7 +235,8 @@ def print_breakdown(parts: dict[str, list[float]], n_views: int, bare: float) ->
 
 def bench_dvae(tmp: Path, images: int, n_shards: int, views: int, repeats: int, threads: int,
                batch_size: int, dask: bool, fix_batch: int) -> None:
-    from model.dvae import DVAE, DVAEConfig
+    from model.dvae import DVAE
+    from model.schema import DVAEConfig
     from model.tokenizer import load_tokenizer, save_tokenizer
     from stages.tokenize import tokenize_split
 
@@ -269,7 +271,7 @@ def bench_dvae(tmp: Path, images: int, n_shards: int, views: int, repeats: int, 
         shutil.rmtree(p.tokenize.out)
         return t
 
-    from pipeline.dask_runner import ClusterConfig
+    from pipeline.schema import ClusterConfig
 
     small = [x for b in rendered for x in b.split(fix_batch)]
     modes = {

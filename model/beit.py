@@ -1,6 +1,8 @@
 """BEiT masked-image-modeling encoder on timm's BEiT blocks, plus a size registry.
 
-One readable file (nanoGPT style): a typed config, the model, the registry.
+One readable file (nanoGPT style): a typed config, the model, the registry,
+and reading a saved encoder back (`load_encoder`), so the loader sits beside
+the class it builds rather than in the classifier that happens to use it.
 Shapes: B batch, N = h*w patches, D embed_dim, V vocab_size, M = number of
 masked positions in the whole batch, P = patch_size, C = in_chans.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -28,6 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
+
+from model.checkpoints import load_checkpoint
+
+SHARED_REL_POS = "rel_pos_bias.relative_position_bias_table"  # [(2h-1)(2w-1)+3, heads]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,10 +230,24 @@ def timm_export(model: BeitMIM, per_layer_rel_pos: bool = True) -> tuple[dict[st
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()
           if not k.startswith(("mask_token", "lm_head", "norm."))}  # pretraining-only parts
     if per_layer_rel_pos:
-        table = sd.pop("rel_pos_bias.relative_position_bias_table")  # [(2h-1)(2w-1)+3, heads]
-        for i in range(c.depth):
-            sd[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+        copy_rel_pos_bias_per_layer(sd, c.depth)
     return sd, timm_kwargs(c, per_layer_rel_pos)
+
+
+def state_depth(sd: dict[str, torch.Tensor]) -> int:
+    """Number of blocks in a timm-layout state dict (`blocks.<i>.*` keys)."""
+    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+
+
+def copy_rel_pos_bias_per_layer(sd: dict[str, torch.Tensor], depth: Optional[int] = None) -> None:
+    """In place: replace the shared relative position bias table, if `sd` has one, by a copy
+    of it in each block (`blocks.<i>.attn.relative_position_bias_table`; depth from the
+    keys when None). unilm's fine-tuning recipe, so layers may then diverge."""
+    table = sd.pop(SHARED_REL_POS, None)
+    if table is None:
+        return
+    for i in range(state_depth(sd) if depth is None else depth):
+        sd[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
 
 
 def timm_kwargs(c: BeitConfig, per_layer_rel_pos: bool = True) -> dict:
@@ -279,3 +300,21 @@ def model_config(name: str, **overrides) -> BeitConfig:
 def create_model(name: str, **overrides) -> BeitMIM:
     """timm-style: create_model('micro', vocab_size=512, target='pixels')."""
     return BeitMIM(model_config(name, **overrides))
+
+
+# ---- saved encoders -------------------------------------------------------------
+def beit_config_from_dict(raw: dict) -> BeitConfig:
+    """BeitConfig from a checkpoint's config JSON: its fields are read, other keys ignored."""
+    fields = {f.name for f in dataclasses.fields(BeitConfig)}
+    return BeitConfig(**{k: v for k, v in raw.items() if k in fields})
+
+
+def load_encoder(ckpt_dir: str | Path) -> BeitMIM:
+    """The BeitMIM saved by `beit pretrain` (its config.json holds BeitConfig's fields)."""
+    sd, config = load_checkpoint(ckpt_dir)
+    if config.get("kind") == "classifier":
+        raise ValueError(f"{ckpt_dir}: a fine-tuned classifier, not a pretrained encoder; "
+                         "use load_classifier")
+    model = BeitMIM(beit_config_from_dict(config))
+    model.load_state_dict(sd, strict=True)
+    return model

@@ -1,27 +1,25 @@
 """Checkpoints as a directory: model.safetensors (tensors) + config.json (plain data).
 
 Generic: any state dict of tensors and any JSON-serialisable config dict.
-* Atomic: written into a temp directory beside the target, then renamed into
-  place, so a crash never leaves a half-written checkpoint under the real name.
-  Replacing an existing checkpoint moves the old one aside first (POSIX cannot
-  rename a directory over a non-empty one), so there is a moment with no
-  directory, never one with mixed files.
+* Atomic (pipeline/atomic.py's atomic_dir): written into a temp directory beside
+  the target, then renamed into place, so a crash never leaves a half-written
+  checkpoint under the real name. Replacing an existing checkpoint moves the old
+  one aside first (POSIX cannot rename a directory over a non-empty one), so there
+  is a moment with no directory, never one with mixed files.
 * Refuses pickles: .pt/.pth/.bin/.pkl files run arbitrary code when loaded.
   Convert those once, explicitly, elsewhere; safetensors cannot execute code.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import atomic_dir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -49,28 +47,9 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], co
         if extra:
             raise ValueError(f"{path}: holds files other than a checkpoint ({', '.join(extra[:3])}); refusing to replace it")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    with atomic_dir(path) as tmp:  # fsyncs the files, then swaps the folder in
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(config_text + "\n")
-        for name in (WEIGHTS, CONFIG):  # data on disk before the rename publishes it
-            fd = os.open(tmp / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

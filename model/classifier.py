@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from timm.models.beit import Beit
 
-from model.beit import BeitConfig, BeitMIM, timm_export, timm_kwargs
+from model.beit import BeitConfig, BeitMIM, beit_config_from_dict, load_encoder, timm_export, timm_kwargs
 from model.checkpoints import load_checkpoint
 
 HEAD_KEYS = ("fc_norm.", "head.")  # what a pretrained encoder does not provide
@@ -102,27 +102,11 @@ class BeitClassifier(Beit):
         return self.forward_blocks(images, num_blocks)[:, 1:].mean(dim=1)  # [B, D]
 
 
-def _beit_config(raw: dict) -> BeitConfig:
-    fields = {f.name for f in dataclasses.fields(BeitConfig)}
-    return BeitConfig(**{k: v for k, v in raw.items() if k in fields})
-
-
-def load_encoder(ckpt_dir: str | Path) -> BeitMIM:
-    """The BeitMIM saved by `beit pretrain` (its config.json holds BeitConfig's fields)."""
-    sd, config = load_checkpoint(ckpt_dir)
-    if config.get("kind") == "classifier":
-        raise ValueError(f"{ckpt_dir}: a fine-tuned classifier, not a pretrained encoder; "
-                         "use load_classifier")
-    model = BeitMIM(_beit_config(config))
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:
     """A checkpoint written by `beit finetune` / `beit scratch`."""
     sd, config = load_checkpoint(ckpt_dir)
     if config.get("kind") != "classifier":
         raise ValueError(f"{ckpt_dir}: not a classifier checkpoint (no kind=classifier in config.json)")
-    model = BeitClassifier(_beit_config(config["beit"]), config["num_classes"], config["drop_path"])
+    model = BeitClassifier(beit_config_from_dict(config["beit"]), config["num_classes"], config["drop_path"])
     model.load_state_dict(sd, strict=True)
     return model

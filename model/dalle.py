@@ -15,18 +15,17 @@ Our modules run in float32 everywhere; the reference casts most convs to float16
 on CUDA, so a GPU run of the reference can differ from ours on near-ties.
 
 OpenAI ships `encoder.pkl`/`decoder.pkl` as *pickled modules*: loading one runs
-arbitrary code, so `convert_dalle` does it only when asked (`trust_pickle=True`),
-once, and writes safetensors + JSON that `model.tokenizer.load_tokenizer` reads.
+arbitrary code, so `beit convert-dalle` (stages/convert_dalle.py) does it only when
+asked, once, and writes safetensors + JSON that `model.tokenizer.load_tokenizer`
+reads. This file is the architecture only (plus reading sizes off a state dict):
+it never unpickles, and model/tokenizer.py imports it without a cycle.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
-import pickle
 import re
 from collections import OrderedDict
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -35,10 +34,6 @@ import torch.nn.functional as F
 
 LOGIT_LAPLACE_EPS = 0.1
 GROUPS = 4  # fixed in the reference: 3 max-pools, so 8x downsampling
-
-
-class PickleRefused(RuntimeError):
-    """Raised when converting a pickle without trust_pickle=True."""
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -176,93 +171,20 @@ class DalleVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(out[:, : self.cfg.input_channels]))
 
 
-# --------------------------------------------------------------------------- conversion
+# --------------------------------------------------------------------------- sizes from weights
+
+
+def _blocks_per_group(sd: dict) -> int:
+    return len({m.group(1) for k in sd if (m := re.match(r"blocks\.group_1\.(block_\d+)\.", k))})
 
 
 def encoder_config_from_state(sd: dict) -> dict:
     """Infer encoder sizes from tensor shapes (robust to how the module was pickled)."""
-    n_blk = len({m.group(1) for k in sd if (m := re.match(r"blocks\.group_1\.(block_\d+)\.", k))})
     return {"n_hid": sd["blocks.input.w"].shape[0], "input_channels": sd["blocks.input.w"].shape[1],
-            "vocab_size": sd["blocks.output.conv.w"].shape[0], "n_blk_per_group": n_blk}
+            "vocab_size": sd["blocks.output.conv.w"].shape[0], "n_blk_per_group": _blocks_per_group(sd)}
 
 
 def decoder_config_from_state(sd: dict) -> dict:
-    n_blk = len({m.group(1) for k in sd if (m := re.match(r"blocks\.group_1\.(block_\d+)\.", k))})
     return {"n_init": sd["blocks.input.w"].shape[0], "vocab_size": sd["blocks.input.w"].shape[1],
             "n_hid": sd["blocks.output.conv.w"].shape[1], "input_channels": sd["blocks.output.conv.w"].shape[0] // 2,
-            "n_blk_per_group": n_blk}
-
-
-class _StubModule(nn.Module):
-    """Stand-in for dall_e's classes: enough for state_dict(), no dall_e import needed."""
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == "dall_e" or module.startswith("dall_e."):
-            return _StubModule
-        return super().find_class(module, name)
-
-
-class _PickleModule:
-    """What torch.load's `pickle_module` needs; only find_class differs from pickle."""
-
-    Unpickler = _Unpickler
-    load = staticmethod(pickle.load)
-
-
-def _read_pickled_state(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load a whole pickled module (or a state dict) on CPU -> float32 state dict."""
-    with path.open("rb") as f:
-        data = io.BytesIO(f.read())
-    obj = torch.load(data, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a pickled DALL-E module or state dict, got {type(obj).__name__}")
-    return {k: v.detach().float().contiguous() for k, v in obj.items()}
-
-
-def load_dalle_pickles(
-    encoder_pkl: str | Path, decoder_pkl: str | Path | None = None, *, trust_pickle: bool = False,
-    image_size: int = 112,
-) -> tuple[DalleVAE, DalleConfig]:
-    """Unpickle OpenAI's encoder (and decoder) into our modules; strict key match."""
-    paths = [Path(p) for p in (encoder_pkl, decoder_pkl) if p is not None]
-    if not trust_pickle:
-        raise PickleRefused(
-            f"refusing to unpickle {paths[0]}: unpickling runs arbitrary code from the file; "
-            "pass --trust-pickle only for files from a source you trust"
-        )
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such file")
-    enc_sd = _read_pickled_state(paths[0])
-    fields = encoder_config_from_state(enc_sd)
-    dec_sd = None
-    if decoder_pkl is not None:
-        dec_sd = _read_pickled_state(paths[1])
-        dec = decoder_config_from_state(dec_sd)
-        clash = {k: (fields[k], dec[k]) for k in fields if k in dec and dec[k] != fields[k] and k != "n_hid"}
-        if clash:
-            raise ValueError(f"encoder and decoder disagree on {clash} (encoder, decoder)")
-        fields["n_init"] = dec["n_init"]
-        if dec["n_hid"] != fields["n_hid"]:
-            raise ValueError(f"decoder n_hid={dec['n_hid']} but encoder n_hid={fields['n_hid']}; ours shares one")
-    cfg = DalleConfig(image_size=image_size, has_decoder=dec_sd is not None, **fields)
-    model = DalleVAE(cfg)
-    model.encoder.load_state_dict(enc_sd, strict=True)
-    if dec_sd is not None:
-        model.decoder.load_state_dict(dec_sd, strict=True)
-    return model.eval(), cfg
-
-
-def convert_dalle(
-    encoder_pkl: str | Path, decoder_pkl: str | Path | None, out_dir: str | Path, *,
-    trust_pickle: bool = False, image_size: int = 112,
-) -> Path:
-    """Convert OpenAI's pickles once into a safetensors + JSON tokenizer directory."""
-    from model.tokenizer import save_tokenizer  # late: tokenizer imports this module
-
-    model, cfg = load_dalle_pickles(encoder_pkl, decoder_pkl, trust_pickle=trust_pickle, image_size=image_size)
-    return save_tokenizer(model, cfg, out_dir)
+            "n_blk_per_group": _blocks_per_group(sd)}

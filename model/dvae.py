@@ -21,20 +21,20 @@ would make BEiT's MIM targets nearly trivial. Four standard fixes, each measured
 - entropy bonus on the batch-averaged code distribution, log V - H(mean q):
   spreads codes across the batch without blurring each position's q (which is
   what a large KL-to-uniform weight does).
+
+This file is the network only (the parts a saved tokenizer needs to run);
+model/dvae_train.py trains and scores it, stages/figures.py draws it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.schema import DVAEConfig, DVAESchedule
+from model.schema import DVAEConfig
 
 
 # The 112 px -> 14x14 configuration (8x down) for ImageNet-scale use.
@@ -55,19 +55,24 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.gain * self.conv2(F.relu(self.conv1(F.relu(x))))
 
 
+def _body(widths: list[int], blocks_per_group: int, resample: Callable[[], nn.Module]) -> nn.Sequential:
+    """`blocks_per_group` ResBlocks per level, widths[level] wide, `resample()` between levels."""
+    gain = 1.0 / (len(widths) * blocks_per_group)
+    layers: list[nn.Module] = []
+    for level, width in enumerate(widths):
+        prev = widths[max(level - 1, 0)]
+        layers += [ResBlock(prev if b == 0 else width, width, gain) for b in range(blocks_per_group)]
+        if level < len(widths) - 1:
+            layers.append(resample())
+    return nn.Sequential(*layers)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         w = cfg.widths
-        gain = 1.0 / (len(w) * cfg.blocks_per_group)
         self.stem = nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)
-        layers: list[nn.Module] = []
-        for level, width in enumerate(w):
-            prev = w[max(level - 1, 0)]
-            layers += [ResBlock(prev if b == 0 else width, width, gain) for b in range(cfg.blocks_per_group)]
-            if level < len(w) - 1:
-                layers.append(nn.MaxPool2d(2))
-        self.body = nn.Sequential(*layers)
+        self.body = _body(w, cfg.blocks_per_group, lambda: nn.MaxPool2d(2))
         self.proj = nn.Conv2d(w[-1], cfg.codebook_dim, 1)
         self.codebook = nn.Parameter(torch.randn(cfg.vocab_size, cfg.codebook_dim))  # [V,d]
         # Learnable inverse temperature of the cosine logits (CLIP-style, stored as a log);
@@ -92,16 +97,9 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         w = cfg.widths[::-1]  # coarsest first
-        gain = 1.0 / (len(w) * cfg.blocks_per_group)
         # A code's embedding is a 1x1 conv on its one-hot: [V, C] weight.
         self.embed = nn.Parameter(torch.randn(cfg.vocab_size, w[0]) / math.sqrt(w[0]))
-        layers: list[nn.Module] = []
-        for level, width in enumerate(w):
-            prev = w[max(level - 1, 0)]
-            layers += [ResBlock(prev if b == 0 else width, width, gain) for b in range(cfg.blocks_per_group)]
-            if level < len(w) - 1:
-                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.body = nn.Sequential(*layers)
+        self.body = _body(w, cfg.blocks_per_group, lambda: nn.Upsample(scale_factor=2, mode="nearest"))
         self.head = nn.Conv2d(w[-1], cfg.in_channels, 3, padding=1)
 
     def forward(self, soft: torch.Tensor) -> torch.Tensor:
@@ -208,158 +206,3 @@ def kmeanspp(feats: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor
         picks[j] = i[0]
         dist = torch.minimum(dist, 1 - feats @ feats[i[0]])
     return picks
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _cosine(start: float, end: float, t: float) -> float:
-    """Cosine from start (t=0) to end (t>=1)."""
-    t = min(max(t, 0.0), 1.0)
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def schedule_at(s: DVAESchedule, step: int, steps: int) -> dict:
-    """lr, temperature and kl weight at `step` of `steps`; pure, so the stage can plot it."""
-    warm = max(1, int(s.warmup_frac * steps))
-    lr = s.lr * (step + 1) / warm if step < warm else _cosine(s.lr, s.lr * s.lr_min_ratio, (step - warm) / max(1, steps - warm))
-    temp = _cosine(s.temp_start, s.temp_end, step / max(1, s.temp_anneal_frac * steps))
-    kl_w = _cosine(0.0, s.kl_weight, step / max(1, s.kl_warmup_frac * steps))
-    return {"lr": lr, "temperature": temp, "kl_weight": kl_w}
-
-
-def _cycle(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Re-iterate a re-iterable (a DataLoader, a list); a spent one-shot iterator is an error."""
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("train_dvae: batches ran out before `steps`; pass a re-iterable or an endless iterator")
-
-
-def _reset_adam_rows(opt: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
-    """Forget Adam moments of re-initialised rows, so stale momentum does not drag them back."""
-    state = opt.state.get(param, {})
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state:
-            state[key][rows] = 0
-
-
-def train_dvae(
-    model: DVAE,
-    batches: Iterable[torch.Tensor],
-    steps: int,
-    schedule: DVAESchedule = DVAESchedule(),
-    *,
-    on_step: Optional[Callable[[int, dict], None]] = None,
-) -> list[dict]:
-    """Train `model` in place for `steps` updates on float [B,3,S,S] batches in [0,1].
-
-    Batches are moved to the model's device. Returns one stats dict per step
-    (loss, mse, kl, codes_in_batch, lr, temperature, kl_weight); `on_step(step, stats)`
-    is called after each update (logging, checkpoints, early stop by raising).
-    """
-    if steps < 1:
-        raise ValueError(f"train_dvae: steps={steps} must be >= 1")
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
-    V = model.cfg.vocab_size
-    hits = torch.zeros(V, dtype=torch.long, device=device)  # argmax counts since the last restart
-    restart_until = int(schedule.restart_until_frac * steps)
-    model.train()
-    history = []
-    for step, x in zip(range(steps), _cycle(batches)):
-        x = x.to(device, non_blocking=True)
-        if step == 0 and schedule.init_codes:
-            model.restart_codes(torch.arange(V, device=device), x, copy_decoder=False)
-        knobs = schedule_at(schedule, step, steps)
-        for group in opt.param_groups:
-            group["lr"] = knobs["lr"]
-        loss, stats, ids = model.loss_and_codes(x, knobs["temperature"], knobs["kl_weight"],
-                                                schedule.straight_through, schedule.entropy_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-        opt.step()
-        hits += torch.bincount(ids.reshape(-1), minlength=V)
-        restarted = 0
-        if schedule.restart_every and (step + 1) % schedule.restart_every == 0 and step < restart_until:
-            dead = (hits == 0).nonzero().squeeze(1)  # [K]
-            restarted = model.restart_codes(dead, x)
-            _reset_adam_rows(opt, model.encoder.codebook, dead)
-            _reset_adam_rows(opt, model.decoder.embed, dead)
-            hits.zero_()
-        stats = {"step": step, **stats, **knobs, "restarted": restarted}
-        history.append(stats)
-        if on_step is not None:
-            on_step(step, stats)
-    model.eval()
-    return history
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def codebook_usage(ids: torch.Tensor, vocab_size: int) -> float:
-    """Fraction of the vocabulary that appears in `ids` (any shape)."""
-    return int(torch.unique(ids).numel()) / vocab_size
-
-
-def perplexity(ids: torch.Tensor, vocab_size: int) -> float:
-    """exp(entropy) of the code histogram: the effective number of codes in use."""
-    p = torch.bincount(ids.reshape(-1), minlength=vocab_size).double()
-    p = p[p > 0] / p.sum()
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-@torch.no_grad()
-def evaluate_dvae(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 256,
-                  recon: bool = True) -> dict:
-    """Hard-code reconstruction MSE, codebook usage and perplexity on held-out images.
-
-    `model`: anything with encode/decode/cfg.vocab_size (DVAE, DalleVAE); `images`: float
-    [N,3,S,S] in [0,1] or an iterable of such batches (streamed: only code counts are kept).
-    recon=False skips the decoder (a tokenizer without one) and omits recon_mse."""
-    model.eval()
-    device = next(model.parameters()).device
-    V = model.cfg.vocab_size
-    counts = torch.zeros(V, dtype=torch.long)
-    sq, n = 0.0, 0
-    for x in images.split(batch_size) if isinstance(images, torch.Tensor) else images:
-        x = x.to(device)
-        code = model.encode(x)  # [B,h,w]
-        if recon:
-            sq += F.mse_loss(model.decode(code), x, reduction="sum").item()
-        counts += torch.bincount(code.reshape(-1).cpu(), minlength=V)
-        n += x.numel()
-    if n == 0:
-        raise ValueError("evaluate_dvae: no images")
-    p = counts[counts > 0].double() / counts.sum()
-    out = {"codebook_usage": int((counts > 0).sum()) / V, "perplexity": float(torch.exp(-(p * p.log()).sum()))}
-    return {"recon_mse": sq / n, **out} if recon else out
-
-
-def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path, cols: int = 8) -> Path:
-    """PNG grid: each row pair is `cols` originals over their reconstructions ([N,3,S,S] in [0,1])."""
-    from PIL import Image  # only needed for pictures
-
-    if originals.shape != recons.shape:
-        raise ValueError(f"originals {tuple(originals.shape)} and recons {tuple(recons.shape)} differ in shape")
-    n, c, s, _ = originals.shape
-    rows = math.ceil(n / cols)
-    pad = 2
-    canvas = np.ones((rows * 2 * (s + pad) + pad, cols * (s + pad) + pad, 3), dtype=np.uint8) * 255
-    to_hwc = lambda t: (t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)  # noqa: E731
-    for i in range(n):
-        r, k = divmod(i, cols)
-        x0 = pad + k * (s + pad)
-        for j, img in enumerate((originals[i], recons[i])):
-            y0 = pad + (2 * r + j) * (s + pad)
-            tile = to_hwc(img)  # [3,S,S] -> [S,S,3]
-            canvas[y0 : y0 + s, x0 : x0 + s] = tile if c == 3 else tile[..., :1]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path

@@ -28,9 +28,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.beit import BeitConfig, timm_export, timm_kwargs
+from model.beit import (
+    BeitConfig, beit_config_from_dict, copy_rel_pos_bias_per_layer, load_encoder, state_depth, timm_export,
+    timm_kwargs,
+)
 from model.checkpoints import load_checkpoint
-from model.classifier import _beit_config, load_encoder
+from pipeline.atomic import atomic_file, atomic_write
 
 # timm variant whose constructor hosts every size; kwargs override its architecture.
 TIMM_NAMES = {"base": "beit_base_patch16_224", "large": "beit_large_patch16_224"}
@@ -44,7 +47,7 @@ def export_timm(ckpt_dir: str | Path, out_path: str | Path) -> tuple[Path, dict]
     (num_classes=0); a classifier exports as it is (its own num_classes)."""
     sd, config = load_checkpoint(ckpt_dir)
     if config.get("kind") == "classifier":
-        beit, num_classes = _beit_config(config["beit"]), int(config["num_classes"])
+        beit, num_classes = beit_config_from_dict(config["beit"]), int(config["num_classes"])
     else:
         encoder = load_encoder(ckpt_dir)
         beit, num_classes = encoder.config, 0
@@ -56,9 +59,9 @@ def export_timm(ckpt_dir: str | Path, out_path: str | Path) -> tuple[Path, dict]
     name = TIMM_NAMES.get(config.get("model", ""), DEFAULT_TIMM_NAME)
     sidecar = {"model_name": name, "kwargs": {**timm_kwargs(beit), "num_classes": num_classes}}
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out_path), metadata={"format": "pt"})
-    out_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    with atomic_file(out_path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    atomic_write(out_path.with_suffix(".json"), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     return out_path, sidecar
 
 
@@ -92,7 +95,7 @@ def _infer_config(sd: dict[str, torch.Tensor], path: Path, vocab: int | None) ->
     if missing:
         raise ValueError(f"{path}: missing {missing[0]} (not a BEiT checkpoint with relative position bias?)")
     D, C, P, _ = sd["patch_embed.proj.weight"].shape  # [D, C, P, P]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    depth = state_depth(sd)
     table = sd["blocks.0.attn.relative_position_bias_table"]  # [(2h-1)^2 + 3, heads]
     side = (math.isqrt(table.shape[0] - 3) + 1) // 2  # the patch grid side h
     if (2 * side - 1) ** 2 + 3 != table.shape[0]:
@@ -115,11 +118,7 @@ def load_unilm(path: str | Path) -> tuple[BeitConfig, dict[str, torch.Tensor]]:
     vocab = sd["lm_head.weight"].shape[0] if "lm_head.weight" in sd else None
     sd = {k: v for k, v in sd.items()
           if "relative_position_index" not in k and not k.startswith(("mask_token", "lm_head.", "norm."))}
-    shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)  # [(2h-1)^2 + 3, heads]
-    if shared is not None:
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        for i in range(depth):
-            sd[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
+    copy_rel_pos_bias_per_layer(sd)
     return _infer_config(sd, path, vocab), sd
 
 

@@ -77,6 +77,14 @@ class OptimConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr={self.lr} must be > 0, min_lr and weight_decay >= 0")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay={self.layer_decay}: must be in (0, 1] or null")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad={self.clip_grad}: must be > 0 or null")
+
 
 @dataclasses.dataclass(frozen=True)
 class MixConfig:
@@ -87,6 +95,14 @@ class MixConfig:
     switch_prob: float = 0.5  # P(cutmix) when both are enabled
     prob: float = 1.0  # P(mixing a batch at all)
     smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if min(self.mixup_alpha, self.cutmix_alpha) < 0:
+            raise ValueError("mixup_alpha and cutmix_alpha must be >= 0 (0 disables)")
+        if not 0.0 <= self.prob <= 1.0 or not 0.0 <= self.switch_prob <= 1.0:
+            raise ValueError("prob and switch_prob must be in [0, 1]")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing={self.smoothing}: must be in [0, 1)")
 
     @property
     def enabled(self) -> bool:

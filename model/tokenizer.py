@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -25,7 +23,9 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save
 
 from model.dalle import DalleConfig, DalleVAE
-from model.dvae import DVAE, DVAEConfig
+from model.dvae import DVAE
+from model.schema import DVAEConfig
+from pipeline.atomic import atomic_write
 
 FORMAT = 1
 CONFIG_NAME = "tokenizer.json"
@@ -47,19 +47,6 @@ def _fingerprint(encoder_bytes: bytes, kind: str, config: dict) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _tensors_bytes(module: torch.nn.Module) -> bytes:
     return save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
 
@@ -71,14 +58,14 @@ def save_tokenizer(model: TokenizerModel, config: DVAEConfig | DalleConfig, out_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     enc = _tensors_bytes(model.encoder)
-    _atomic_write(out / "encoder.safetensors", enc)
+    atomic_write(out / "encoder.safetensors", enc)
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
-        _atomic_write(out / "decoder.safetensors", _tensors_bytes(decoder))
+        atomic_write(out / "decoder.safetensors", _tensors_bytes(decoder))
     else:
         (out / "decoder.safetensors").unlink(missing_ok=True)
     meta = {"format": FORMAT, "kind": kind, "config": cfg, "fingerprint": _fingerprint(enc, kind, cfg)}
-    _atomic_write(out / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(out / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return out
 
 

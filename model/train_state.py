@@ -6,14 +6,13 @@ A checkpoint is a folder `step-NNNNNNNN/` holding
     rng.safetensors     torch CPU (and CUDA) RNG states
     state.json          step, data position, optimizer param groups, scaler,
                         Python/NumPy RNG states, and anything the caller adds
-It is written under a temporary name and renamed when complete, so a killed
-run never leaves a checkpoint that looks whole; `latest_checkpoint` only
-sees complete ones.
+It is written under a hidden temporary name and renamed when complete
+(pipeline/atomic.py's atomic_dir), so a killed run never leaves a checkpoint
+that looks whole; `latest_checkpoint` only sees complete ones.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import atomic_dir
 
 PREFIX = "step-"
 
@@ -61,33 +62,29 @@ def save_train_state(
     """Write checkpoint `run_dir/step-<step>` atomically; keep the newest `keep`."""
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:08d}"
-    tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              tmp / "model.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_file(opt_tensors, tmp / "optim.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda.{i}"] = s
-    save_file(rng, tmp / "rng.safetensors")
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "step": step,
-        "optimizer": opt_meta,
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-        "extra": extra or {},
-    }
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    for stale in run_dir.glob(f".{final.name}.*.tmp"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    with atomic_dir(final) as tmp:  # hidden until complete; replaces an older same-step one
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  tmp / "model.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(opt_tensors, tmp / "optim.safetensors")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda.{i}"] = s
+        save_file(rng, tmp / "rng.safetensors")
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        state = {
+            "step": step,
+            "optimizer": opt_meta,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+            "extra": extra or {},
+        }
+        (tmp / "state.json").write_text(json.dumps(state))
     for old in sorted(run_dir.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old)
     return final

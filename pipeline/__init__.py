@@ -1,1 +1,1 @@
-"""Data plane: sources, shards, views, masking, token store, loader. Never imports `model`."""
+"""Data plane: sources, shards, views, masking, token store, the MIM and labelled datasets. Never imports `model`."""

@@ -30,9 +30,11 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path beside `path`; once the block returns, fsync it and rename it to `path`.
-    On an exception the temp file is removed and `path` is left as it was."""
+    On an exception the temp file is removed and `path` is left as it was.
+    durable=False skips the fsync (still atomic, not crash-durable): for files whose loss or
+    tearing in a power cut is detected and redone anyway, e.g. a shard's sidecar."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,7 +42,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
@@ -48,9 +51,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
+def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> Path:
     """Write `data` (str is UTF-8) to `path` atomically; returns `path`."""
-    with atomic_file(path) as tmp:
+    with atomic_file(path, durable) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
 

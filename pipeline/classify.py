@@ -1,9 +1,10 @@
 """Labelled image streams for fine-tuning, linear probing and kNN.
 
-The same generator stages as the MIM loader (seeded shard permutation split
-over ranks and workers, tar samples, seeded shuffle buffer), without tokens:
+The same generator stages as the MIM dataset (pipeline/stream.py: seeded shard
+permutation split over ranks and workers, tar samples, seeded shuffle buffer),
+without tokens:
 
-    shard list -> epoch_shards -> tar samples -> keep subset -> shuffle buffer (train)
+    ShardList -> epoch_shards -> tar samples -> keep subset -> shuffle buffer (train)
     -> decode + view -> {"image", "label"}
 
 Train view: RandomResizedCrop + flip drawn by `views.sample_view` from
@@ -18,28 +19,27 @@ the validation images outside it, for tuning without the test split.
 from __future__ import annotations
 
 import dataclasses
-import random
+import json
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.fingerprint import index_fingerprint, stable_hash
-from pipeline.images import decode_rgb
-from pipeline.loader import LoaderConfig, _rank_worker, epoch_shards, image_bytes, shuffle_buffer
-from pipeline.tarread import tar_samples
-from pipeline.views import ViewConfig, apply_view, identity_view, sample_view
+from pipeline.schema import LoaderConfig, ViewConfig
+from pipeline.shardread import decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
+from pipeline.stream import ShardList, epoch_stream
+from pipeline.views import apply_view, identity_view, sample_view
 
 
 def _class_orders(index_path: str | Path, seed: int) -> dict[int, list[str]]:
     """Per class: its keys sorted (row order of the index must not matter), then
     permuted by an RNG seeded with (seed, class). The label subset is a prefix
     of each order and the validation holdout a suffix, so they never overlap."""
-    table = pq.read_table(index_path, columns=["key", "label"])
+    table = read_index(index_path, ["key", "label"])
     by_class: dict[int, list[str]] = {}
-    for key, label in zip(table.column("key").to_pylist(), table.column("label").to_pylist()):
+    for key, label in zip(table["key"], table["label"]):
         by_class.setdefault(int(label), []).append(key)
     orders = {}
     for label, members in sorted(by_class.items()):
@@ -86,22 +86,13 @@ def holdout_subset(index_path: str | Path, fraction: float, seed: int, size: int
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelledSplit:
-    """A split's shards with the per-shard counts of *kept* samples.
+class LabelledSplit(ShardList):
+    """A split's shards with the per-shard counts of *kept* samples: a `ShardList`,
+    so `pipeline.stream.epoch_steps` plans its steps as for the MIM dataset."""
 
-    Has the `shards`/`counts` that `pipeline.loader.epoch_steps` reads, so the
-    MIM loader's step arithmetic (equal steps on every DDP rank) is reused."""
-
-    shard_dir: Path
-    shards: tuple[str, ...]
-    counts: tuple[int, ...]
     keep: Optional[frozenset[str]]  # None: every sample
-    num_classes: int
+    num_classes: int  # classes.json's length when the shard stage wrote one
     fingerprint: str  # of the index (+ the subset), for run fingerprints and feature caches
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
 
 
 def open_labelled(shard_dir: str | Path, fraction: float = 1.0, seed: int = 0,
@@ -109,40 +100,37 @@ def open_labelled(shard_dir: str | Path, fraction: float = 1.0, seed: int = 0,
     """Read index.parquet; keep a stratified `fraction` of it (see label_subset),
     or with `holdout=N`, the N-image validation set outside that fraction."""
     shard_dir = Path(shard_dir)
-    index = shard_dir / "index.parquet"
-    if not index.exists():
-        raise FileNotFoundError(f"{index}: missing; run `beit shard` (or `dvc repro shard`)")
-    table = pq.read_table(index, columns=["key", "shard", "label"])
-    keys, shard_col = table.column("key").to_pylist(), table.column("shard").to_pylist()
+    index = index_file(shard_dir)
+    table = read_index(index, ["key", "shard", "label"])
     if holdout is not None:
         keep = holdout_subset(index, fraction, seed, holdout)
     else:
         keep = None if fraction == 1.0 else label_subset(index, fraction, seed)
-    shards = tuple(dict.fromkeys(shard_col))  # first-appearance order == shard order
-    counts = dict.fromkeys(shards, 0)
-    for key, shard in zip(keys, shard_col):
-        if keep is None or key in keep:
-            counts[shard] += 1
-    if num_classes is None:
-        num_classes = int(max(table.column("label").to_pylist(), default=-1)) + 1
+    by_shard = shard_keys(table, keep)
+    if num_classes is None:  # the shard stage's class list; else the labels seen
+        classes = shard_dir / "classes.json"
+        num_classes = (len(json.loads(classes.read_text())) if classes.exists()
+                       else int(max(table["label"], default=-1)) + 1)
     fp = index_fingerprint(index) + ("" if keep is None else f"-{fraction}-{seed}")
     fp += "" if holdout is None else f"-holdout{holdout}"
-    return LabelledSplit(shard_dir, shards, tuple(counts[s] for s in shards), keep, num_classes, fp)
+    return LabelledSplit(shard_dir, tuple(by_shard), tuple(len(k) for k in by_shard.values()),
+                         keep, num_classes, fp)
 
 
 class ClassifyDataset(torch.utils.data.IterableDataset):
-    """One epoch of {"image": float [3, S, S] normalised, "label": int}
+    """One epoch of {"image": float [3, S, S] normalised, "label": int} (S = `image_size`)
     for this rank and DataLoader worker; `set_epoch` first.
 
     train=True: shuffle buffer + a random view per (seed, epoch, key).
     train=False: shard order as stored, identity view, no shuffling."""
 
-    def __init__(self, split: LabelledSplit, cfg: LoaderConfig, seed: int, train: bool,
-                 views: Optional[ViewConfig] = None):
+    def __init__(self, split: LabelledSplit, cfg: LoaderConfig, image_size: int, seed: int,
+                 train: bool, views: Optional[ViewConfig] = None):
         super().__init__()
         if train and views is None:
             raise ValueError("a training ClassifyDataset needs a ViewConfig")
-        self.split, self.cfg, self.seed, self.train, self.views = split, cfg, seed, train, views
+        self.split, self.cfg, self.image_size = split, cfg, image_size
+        self.seed, self.train, self.views = seed, train, views
         self.epoch = 0
         self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self._std = torch.tensor(cfg.std).view(3, 1, 1)
@@ -154,43 +142,23 @@ class ClassifyDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def make_sample(self, sample: dict) -> dict:
-        key = sample["__key__"].split("/")[-1]
+        key = sample_key(sample)
         image = decode_rgb(image_bytes(sample))  # uint8 [H, W, 3]
         h, w = image.shape[:2]
         if self.train:
             view = sample_view(self._view_seed, key, self.epoch, w, h, self.views)
         else:
             view = identity_view(w, h)
-        x = apply_view(image, view, self.cfg.image_size)  # float [3, S, S] in [0, 1]
+        x = apply_view(image, view, self.image_size)  # float [3, S, S] in [0, 1]
         return {"image": (x - self._mean) / self._std, "label": int(sample["cls"])}
 
-    def __iter__(self) -> Iterator[dict]:
-        rank, world, worker, workers = _rank_worker()
-        if self.train:
-            ids = epoch_shards(self.split.shards, self.seed, self.epoch, rank, world, worker, workers)
-        else:  # fixed order; ranks and workers still take disjoint shards
-            ids = list(range(len(self.split.shards)))[rank::world][worker::workers]
-        stream = tar_samples(str(self.split.shard_dir / self.split.shards[i]) for i in ids)
+    def _kept(self, samples: Iterator[dict]) -> Iterator[dict]:
         keep = self.split.keep
-        if keep is not None:
-            stream = (s for s in stream if s["__key__"].split("/")[-1] in keep)
-        if self.train:
-            rng = random.Random(stable_hash("cls-buffer", self.seed, self.epoch, rank, worker))
-            stream = shuffle_buffer(stream, self.cfg.shuffle_buffer, rng)
+        return samples if keep is None else (s for s in samples if sample_key(s) in keep)
+
+    def __iter__(self) -> Iterator[dict]:
+        # train=False: fixed order, no buffer; ranks and workers still take disjoint shards
+        stream = epoch_stream(self.split, self.seed, self.epoch, train=self.train,
+                              buffer_size=self.cfg.shuffle_buffer, buffer_salt="cls-buffer", stages=(self._kept,))
         for sample in stream:
             yield self.make_sample(sample)
-
-
-def eval_batches(dataset: ClassifyDataset, cfg: LoaderConfig, limit: Optional[int] = None
-                 ) -> Iterator[dict]:
-    """Every sample of the split once (no drop_last), at most `limit` samples."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
-                                         num_workers=cfg.num_workers, drop_last=False)
-    seen = 0
-    for batch in loader:
-        if limit is not None and seen >= limit:
-            break
-        if limit is not None and seen + len(batch["label"]) > limit:
-            batch = {k: v[: limit - seen] for k, v in batch.items()}
-        seen += len(batch["label"])
-        yield batch

@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from pipeline.shardread import read_index
 
 
 def stable_hash(*parts: object, digest_size: int = 8) -> int:
@@ -25,9 +25,19 @@ def index_fingerprint(index_path: str | Path) -> str:
     """Fingerprint of a split's shards: which sample sits where, with which content.
     Computed from index.parquet columns, not file bytes, so it survives a re-write
     of identical data with another pyarrow version."""
-    t = pq.read_table(index_path, columns=["key", "shard", "position", "sha256"])
+    columns = ("key", "shard", "position", "sha256")
+    t = read_index(index_path, columns)
     h = hashlib.blake2b(digest_size=8)
-    for col in ("key", "shard", "position", "sha256"):
-        h.update("\n".join(map(str, t.column(col).to_pylist())).encode())
+    for col in columns:
+        h.update("\n".join(map(str, t[col])).encode())
         h.update(b"\x1e")
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """blake2b-64 of a file's bytes, read in 1 MiB chunks (a checkpoint's identity)."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()

@@ -67,16 +67,16 @@ class ViewConfig:
         s0, s1 = self.scale
         r0, r1 = self.ratio
         if not 0.0 < s0 <= s1 <= 1.0:
-            raise ValueError(f"view scale={self.scale}: need 0 < min <= max <= 1, e.g. (0.08, 1.0)")
+            raise ValueError(f"scale={self.scale}: need 0 < min <= max <= 1, e.g. (0.08, 1.0)")
         if not 0.0 < r0 <= r1:
-            raise ValueError(f"view ratio={self.ratio}: need 0 < min <= max, e.g. (0.75, 1.333)")
+            raise ValueError(f"ratio={self.ratio}: need 0 < min <= max, e.g. (0.75, 1.333)")
         if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"view flip_p={self.flip_p}: must be in [0, 1]")
+            raise ValueError(f"flip_p={self.flip_p}: must be in [0, 1]")
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
-                raise ValueError(f"view {name}={getattr(self, name)}: must be >= 0 (0 disables)")
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0 disables)")
         if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"view hue={self.hue}: must be in [0, 0.5] (0 disables)")
+            raise ValueError(f"hue={self.hue}: must be in [0, 0.5] (0 disables)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.fetch import DatasetUnavailable, find_fashion_mnist
-from pipeline.images import Raw
+from pipeline.prepare import Raw
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}

@@ -17,7 +17,8 @@ FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def _shape(rng: np.random.Generator, label: int, size: int = 28) -> np.ndarray:
+def shape_image(rng: np.random.Generator, label: int, size: int = 28) -> np.ndarray:
+    """A noisy shape of class `label` (disc, bars, diamond, ring; dimmer for labels >= 5): uint8 [size, size]."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32)  # [28, 28] each
     cy, cx = rng.uniform(9, 19, size=2)
     r = rng.uniform(4, 9)
@@ -57,7 +58,7 @@ def write_fake_fashion_mnist(folder: str | Path, n_train: int = 200, n_test: int
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         labels = np.arange(n) % 10
-        images = np.stack([_shape(rng, int(y)) for y in labels])  # [n, 28, 28]
+        images = np.stack([shape_image(rng, int(y)) for y in labels])  # [n, 28, 28]
         img_file, lbl_file = FILES[split]
         write_idx_images(folder / img_file, images)
         write_idx_labels(folder / lbl_file, labels)

@@ -7,13 +7,15 @@ from a constant template, and the output is byte-identical to
 `tarfile.open(format=tarfile.USTAR_FORMAT)` given TarInfo(mtime=0, uid=gid=0,
 uname=gname="", mode=0o644): no PAX headers, no timestamps, no user names, so
 the same members always give the same bytes (tests/test_shard_tar.py checks
-the equivalence against tarfile).
+the equivalence against tarfile). `parse_member_header` reads that template
+back: the shard reader's fast path (pipeline/shardread.py), so the template
+is known to this file only.
 """
 from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Optional
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to whole 10 KiB records; so do we
@@ -54,6 +56,31 @@ def member_header(name: str, size: int) -> bytes:
     size_field = _octal(size, 12)
     chksum = sum(raw) + sum(size_field) + _CONST_SUM
     return b"".join((raw.ljust(100, b"\0"), _MODE_UID_GID, size_field, _MTIME, b"%06o\0 " % chksum, _AFTER_CHKSUM))
+
+
+def parse_member_header(hdr: bytes) -> Optional[tuple[str, int]]:
+    """The inverse of `member_header`: (name, size) if `hdr` is a header exactly as it
+    writes them (same template bytes, a correct checksum), else None. The fast path of
+    pipeline/shardread.py's reader; anything else goes to `tarfile` there."""
+    if (len(hdr) != BLOCK or hdr[100:124] != _MODE_UID_GID or hdr[136:148] != _MTIME
+            or hdr[156:] != _AFTER_CHKSUM):
+        return None
+    raw_name = hdr[:100].split(b"\0", 1)[0]
+    size_field = hdr[124:136]
+    try:
+        size = int(size_field[:11], 8)
+        chksum = int(hdr[148:154], 8)
+    except ValueError:
+        return None
+    if size_field[11] != 0 or hdr[154:156] != b"\0 " or not raw_name:
+        return None
+    # member_header pads the name with NULs; the checksum counts the chksum field as 8 spaces.
+    if chksum != sum(raw_name) + sum(size_field) + _CONST_SUM:
+        return None
+    try:
+        return raw_name.decode("utf-8"), size
+    except UnicodeDecodeError:
+        return None  # tarfile's surrogateescape decoding: leave it to tarfile
 
 
 class TarWriter:

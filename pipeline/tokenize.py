@@ -13,9 +13,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.images import decode_rgb
-from pipeline.tarread import image_bytes, tar_samples
-from pipeline.views import View, ViewConfig, apply_views, sample_view
+from pipeline.schema import ViewConfig
+from pipeline.shardread import decode_rgb, image_bytes, tar_samples
+from pipeline.views import View, apply_views, sample_view
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 

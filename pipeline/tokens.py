@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -35,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
+
+from pipeline.atomic import atomic_dir, atomic_file, atomic_write
 
 Format = Literal["zarr", "parquet"]
 FORMAT_VERSION = 1
@@ -129,24 +130,19 @@ class ZarrTokens:
                 raise TokenStoreMismatch(_mismatch_message(path, old, spec))
             return cls(path, spec)
         S, C, V, (h, w), K = len(spec.shards), spec.capacity, spec.views, spec.grid, spec.view_dim
-        # Build under a temp name so a store without all its arrays never exists at `path`.
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        g = zarr.open_group(tmp, mode="w")
-        # zstd + bitshuffle: measured 305 B per 14x14 uint16 grid vs 392 raw (entropy ~264).
-        blosc = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
-        g.create_array("tokens", shape=(S * C, V, h, w), chunks=(C, V, h, w), dtype="uint16",
-                       compressors=blosc, fill_value=0)
-        g.create_array("views", shape=(S * C, V, K), chunks=(C, V, K), dtype="float32",
-                       compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), fill_value=0)
-        g.create_array("keys", shape=(S * C,), chunks=(C,), dtype=str)
-        g.create_array("rows", shape=(S,), chunks=(1,), dtype="int32", fill_value=-1)
-        g.create_array("digest", shape=(S,), chunks=(1,), dtype="uint64", fill_value=0)
-        g.attrs.update(spec.to_attrs())
-        os.replace(tmp, path)
+        # Built beside `path` and swapped in, so a store without all its arrays never exists there.
+        with atomic_dir(path) as tmp:
+            g = zarr.open_group(tmp, mode="w")
+            # zstd + bitshuffle: measured 305 B per 14x14 uint16 grid vs 392 raw (entropy ~264).
+            blosc = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+            g.create_array("tokens", shape=(S * C, V, h, w), chunks=(C, V, h, w), dtype="uint16",
+                           compressors=blosc, fill_value=0)
+            g.create_array("views", shape=(S * C, V, K), chunks=(C, V, K), dtype="float32",
+                           compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), fill_value=0)
+            g.create_array("keys", shape=(S * C,), chunks=(C,), dtype=str)
+            g.create_array("rows", shape=(S,), chunks=(1,), dtype="int32", fill_value=-1)
+            g.create_array("digest", shape=(S,), chunks=(1,), dtype="uint64", fill_value=0)
+            g.attrs.update(spec.to_attrs())
         return cls(path, spec)
 
     def _group(self, mode: str = "r+"):
@@ -213,10 +209,7 @@ class ParquetTokens:
             if old != spec:
                 raise TokenStoreMismatch(_mismatch_message(path, old, spec))
             return cls(path, spec)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(spec.to_attrs(), indent=1))
-        os.replace(tmp, meta)
+        atomic_write(meta, json.dumps(spec.to_attrs(), indent=1))
         return cls(path, spec)
 
     def _file(self, s: int) -> Path:
@@ -236,9 +229,8 @@ class ParquetTokens:
         })
         table = table.replace_schema_metadata(
             {"digest": str(shard_digest(keys, tokens, views)), "rows": str(n)})
-        tmp = self._file(s).with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, self._file(s))  # atomic: a half-written file never has the final name
+        with atomic_file(self._file(s)) as tmp:  # a half-written file never has the final name
+            pq.write_table(table, tmp, compression="zstd")
 
     def done(self) -> set[int]:
         out = set()
@@ -294,7 +286,5 @@ def write_index(path: str | Path, spec: StoreSpec, keys_per_shard: list) -> None
         row.extend(range(s * C, s * C + len(ks)))
     table = pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array(shard, pa.string()),
                       "position": pa.array(pos, pa.int32()), "row": pa.array(row, pa.int64())})
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)

@@ -1,12 +1,21 @@
-"""Typed, frozen configuration read once from params.yaml.
+"""params.yaml, read once into typed, frozen dataclasses.
 
-Every section of params.yaml maps to a frozen dataclass. Unknown keys and
-wrong types are errors that name the offending key, so a typo in params.yaml
-(or in `dvc exp run -S ...`) fails loudly instead of being silently ignored.
+Each section is (or nests) the dataclass the code runs with: `shard` is
+pipeline.schema.ShardConfig, `views` ViewConfig, `pretrain.optim` model.schema's
+OptimConfig, `pretrain.loop` LoopConfig (stages/loop.py), and so on; nothing here
+restates one of their fields. The experiment knobs (`seed`, `mask_ratio`, `masking`,
+`target`, `model`) stay top level, because `dvc exp run -S mask_ratio=0.3` only
+overrides top-level keys literally. Every output path lives in `outputs`, one record
+per stage, so a stage declares its own outputs and its recipe as separate params.
+
+Unknown keys and wrong types are errors that name the key, so a typo in params.yaml
+(or in `dvc exp run -S ...`) fails loudly instead of being silently ignored. The
+schema modules import no torch (tests/test_layers.py checks it).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,8 +23,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from model.dvae import DVAEConfig, DVAESchedule
-from pipeline.views import ViewConfig
+from model.schema import DVAEConfig, DVAESchedule, MixConfig, OptimConfig
+from pipeline.schema import (BlockShape, ClusterConfig, LoaderConfig, MaskingConfig, ShardConfig,
+                             ViewConfig)
+
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class ConfigError(ValueError):
@@ -32,16 +44,81 @@ class DataConfig:
     image_size: int = 32
 
 
+# ------------------------------------------------------------------ outputs, one record per stage
+
+
 @dataclasses.dataclass(frozen=True)
-class ShardConfig:
-    out: str = "data/shards"
-    shard_size: int = 5000
-    resize_short: Optional[int] = None
-    workers: int = 2
-    strict: bool = False
-    max_pixels: int = 89_478_485
-    jpeg_quality: int = 95
-    verify: bool = False  # fully decode pass-through JPEGs too (slow; default checks header + EOI)
+class TrainOutputs:
+    """What a training stage publishes: the model folder, its metrics, its curve (TSV) and plot."""
+
+    dir: str
+    metrics: str
+    curve: str
+    figure: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerOutputs(TrainOutputs):
+    recon: str = "plots/tokenizer_recon.png"  # originals over their reconstructions
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsOutput:
+    metrics: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOutputs:
+    markdown: str = "reports/results.md"
+    figure: str = "reports/results.png"
+
+
+def _train_outputs(name: str, folder: str = "models") -> TrainOutputs:
+    return TrainOutputs(f"{folder}/{name}", f"metrics/{name}.json", f"plots/{name}.tsv", f"plots/{name}.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputsConfig:
+    shards: str = "data/shards"  # <shards>/<split>/*.tar + index.parquet
+    tokens: str = "data/tokens"  # <tokens>/<split>.zarr
+    runs: str = "runs"  # untracked: resumable checkpoints and feature caches, keyed by fingerprints
+    tokenizer: TokenizerOutputs = TokenizerOutputs(*dataclasses.astuple(_train_outputs("tokenizer")))
+    pretrain: TrainOutputs = _train_outputs("pretrain")
+    finetune: TrainOutputs = _train_outputs("finetune")
+    scratch: TrainOutputs = _train_outputs("scratch")
+    linear_probe: MetricsOutput = MetricsOutput("metrics/linear_probe.json")
+    knn: MetricsOutput = MetricsOutput("metrics/knn.json")
+    report: ReportOutputs = ReportOutputs()
+
+
+# ------------------------------------------------------------------ stage sections
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The training loop (stages/loop.py): budget, global batch, warmup, cadence, device."""
+
+    epochs: int = 10
+    batch_size: int = 128  # global: per optimizer step, over all ranks and accumulation steps
+    accum_steps: int = 1
+    warmup_epochs: float = 1.0
+    checkpoint_every: int = 200  # optimizer steps
+    log_every: int = 10
+    device: Device = "auto"
+
+    CADENCE = ("checkpoint_every", "log_every", "device")  # fields that leave the trajectory unchanged
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
+            raise ValueError("epochs, batch_size and accum_steps must be >= 1")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of accum_steps={self.accum_steps}")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.warmup_epochs < 0:
+            raise ValueError("checkpoint_every and log_every must be >= 1, warmup_epochs >= 0")
+
+    def trajectory(self) -> dict:
+        """The fields that change what is trained (for run fingerprints)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.CADENCE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,158 +127,81 @@ class TokenizerConfig:
 
     kind: Literal["dvae", "dalle"] = "dvae"
     dalle_path: Optional[str] = None  # kind dalle: a directory written by `beit convert-dalle`
-    out: str = "models/tokenizer"  # what every downstream stage reads
-    metrics: str = "metrics/tokenizer.json"
-    curve: str = "plots/tokenizer.tsv"
-    figure: str = "plots/tokenizer.png"
-    recon: str = "plots/tokenizer_recon.png"
     model: DVAEConfig = DVAEConfig()
     schedule: DVAESchedule = DVAESchedule()
     steps: int = 250
     batch_size: int = 128
-    num_workers: int = 1  # DataLoader workers decoding + rendering views
-    shuffle_buffer: int = 2000
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loader: LoaderConfig = LoaderConfig(num_workers=1)  # DataLoader workers decoding + rendering views
+    device: Device = "auto"
     eval_samples: Optional[int] = None  # held-out images scored; None: the whole eval split
     log_every: int = 10
 
     def __post_init__(self) -> None:
         if self.kind == "dalle" and not self.dalle_path:
-            raise ConfigError("tokenizer.kind=dalle needs tokenizer.dalle_path (the folder `beit convert-dalle` wrote)")
+            raise ValueError("kind=dalle needs dalle_path (the folder `beit convert-dalle` wrote)")
         if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
-            raise ConfigError("tokenizer.steps, .batch_size and .log_every must be >= 1")
+            raise ValueError("steps, batch_size and log_every must be >= 1")
         if self.eval_samples is not None and self.eval_samples < 1:
-            raise ConfigError(f"tokenizer.eval_samples={self.eval_samples}: must be >= 1 or null (whole split)")
+            raise ValueError(f"eval_samples={self.eval_samples}: must be >= 1 or null (whole split)")
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeConfig:
-    out: str = "data/tokens"
     views: int = 8  # V views per image, each tokenized once; the trainer cycles them by epoch
     format: Literal["zarr", "parquet"] = "zarr"
     batch_size: int = 64  # views per tokenizer forward
-    workers: int = 2  # LocalCluster worker processes; 0: in-process without Dask (debugging)
-    threads_per_worker: int = 1
-    scheduler: Optional[str] = None  # "tcp://host:8786": an existing Dask cluster instead
-    device: Literal["cpu", "cuda"] = "cpu"  # cuda: GPU workers, resources={"GPU": 1}
+    cluster: ClusterConfig = ClusterConfig()
 
     def __post_init__(self) -> None:
         if self.views < 1:
-            raise ConfigError(f"tokenize.views={self.views}: must be >= 1")
-        if self.batch_size < 1 or self.workers < 0 or self.threads_per_worker < 1:
-            raise ConfigError("tokenize.batch_size and .threads_per_worker must be >= 1, .workers >= 0")
+            raise ValueError(f"views={self.views}: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    out: str = "models/pretrain"
-    runs: str = "runs"  # untracked: resumable checkpoints under runs/pretrain-<params fingerprint>
-    metrics: str = "metrics/pretrain.json"
-    curve: str = "plots/pretrain.tsv"  # per-step TSV (DVC plot)
-    figure: str = "plots/pretrain.png"
-    epochs: int = 10
-    batch_size: int = 128  # global: per optimizer step, over all ranks and accumulation steps
-    accum_steps: int = 1
-    lr: float = 1.5e-3
-    min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: Optional[float] = 3.0
+    loop: LoopConfig = LoopConfig()
+    optim: OptimConfig = OptimConfig()
+    loader: LoaderConfig = LoaderConfig()
+    blocks: BlockShape = BlockShape()  # with top-level masking + mask_ratio: the mask generator
     drop_path: Optional[float] = None  # None: the model size's default
-    min_block: Optional[int] = None  # None: 16 patches scaled to the grid (pipeline.masking)
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    compile: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 2000
-    checkpoint_every: int = 200  # optimizer steps
-    log_every: int = 10
     eval_batches: int = 20  # held-out batches for the final masked-token accuracy
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
-            raise ConfigError("pretrain.epochs, .batch_size and .accum_steps must be >= 1")
-        if self.batch_size % self.accum_steps:
-            raise ConfigError(f"pretrain.batch_size={self.batch_size} must be a multiple of "
-                              f"pretrain.accum_steps={self.accum_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     """`beit finetune` and `beit scratch`: one recipe and budget, two inits."""
 
-    out: str = "models/finetune"
-    scratch_out: str = "models/scratch"
-    metrics: str = "metrics/finetune.json"
-    scratch_metrics: str = "metrics/scratch.json"
-    curve: str = "plots/finetune.tsv"  # per-step TSV (DVC plot)
-    scratch_curve: str = "plots/scratch.tsv"
-    figure: str = "plots/finetune.png"
-    scratch_figure: str = "plots/scratch.png"
-    runs: str = "runs"  # untracked resumable checkpoints: runs/{finetune,scratch}-<fingerprint>
-    init: Optional[str] = None  # None: the pretrain checkpoint (pretrain.out); "unilm:PATH": an official .pth
+    init: Optional[str] = None  # None: the pretrain checkpoint; "unilm:PATH": an official .pth (finetune only)
     label_fraction: float = 0.1  # stratified, seeded subset of the train labels (low-label regime)
-    epochs: int = 5
-    batch_size: int = 128  # global, per optimizer step
-    accum_steps: int = 1
-    lr: float = 2e-3
-    min_lr: float = 1e-6
-    warmup_epochs: float = 0.5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: Optional[float] = 0.75  # lr scale per block from the top; paper: 0.65 for base
-    clip_grad: Optional[float] = None
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    mixup: float = 0.8  # Beta(a, a) mixing; 0 disables
-    cutmix: float = 1.0  # 0 disables
-    mix_prob: float = 1.0  # fraction of batches mixed at all
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    crop_ratio: tuple[float, float] = (0.75, 1.333333)
-    flip_p: float = 0.5
-    color_jitter: float = 0.0  # brightness/contrast/saturation factor; 0: no jitter
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    compile: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    eval_samples: Optional[int] = 2000  # per-epoch eval subset; the last epoch evaluates the whole split
     # None: score data.eval_split (the reported metric). N: score N train images outside the
     # label subset instead, so a recipe can be tuned without ever looking at the test split.
     validation: Optional[int] = None
-    checkpoint_every: int = 100
-    log_every: int = 10
+    loop: LoopConfig = LoopConfig(epochs=5, warmup_epochs=0.5, checkpoint_every=100)
+    optim: OptimConfig = OptimConfig(lr=2e-3, min_lr=1e-6, clip_grad=None, layer_decay=0.75)
+    loader: LoaderConfig = LoaderConfig()
+    views: ViewConfig = ViewConfig(brightness=0.0, contrast=0.0, saturation=0.0)  # train-time crop + flip
+    mix: MixConfig = MixConfig()  # mixup / cutmix / label smoothing
+    drop_path: float = 0.1
+    eval_samples: Optional[int] = 2000  # per-epoch eval subset; the last epoch evaluates the whole split
 
     def __post_init__(self) -> None:
         if not 0.0 < self.label_fraction <= 1.0:
-            raise ConfigError(f"finetune.label_fraction={self.label_fraction}: must be in (0, 1], e.g. 0.1")
+            raise ValueError(f"label_fraction={self.label_fraction}: must be in (0, 1], e.g. 0.1")
         if self.validation is not None and (self.validation < 1 or self.label_fraction == 1.0):
-            raise ConfigError(f"finetune.validation={self.validation}: needs label_fraction < 1 and N >= 1 "
-                              "(train images outside the label subset), or null to score data.eval_split")
-        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
-            raise ConfigError("finetune.epochs, .batch_size and .accum_steps must be >= 1")
-        if self.batch_size % self.accum_steps:
-            raise ConfigError(f"finetune.batch_size={self.batch_size} must be a multiple of "
-                              f"finetune.accum_steps={self.accum_steps}")
-        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError(f"finetune.layer_decay={self.layer_decay}: must be in (0, 1] or null")
-        if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("finetune.drop_path and .label_smoothing must be in [0, 1)")
-        if min(self.mixup, self.cutmix) < 0 or not 0.0 <= self.mix_prob <= 1.0:
-            raise ConfigError("finetune.mixup/.cutmix must be >= 0 and .mix_prob in [0, 1]")
+            raise ValueError(f"validation={self.validation}: needs label_fraction < 1 and N >= 1 "
+                             "(train images outside the label subset), or null to score data.eval_split")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path={self.drop_path}: must be in [0, 1)")
         if self.init is not None and not self.init.startswith("unilm:"):
-            raise ConfigError(f"finetune.init={self.init!r}: must be null (the pretrain checkpoint) "
-                              "or unilm:PATH")
+            raise ValueError(f"init={self.init!r}: must be null (the pretrain checkpoint) or unilm:PATH")
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
     """`beit linear-probe` and `beit knn` on frozen pretrained features."""
 
-    runs: str = "runs"  # feature cache: runs/features-<fingerprint>/<split>.safetensors
-    linear_metrics: str = "metrics/linear_probe.json"
-    knn_metrics: str = "metrics/knn.json"
     block: Optional[int] = None  # features after this many blocks (1..depth); None: all (paper: 9 of 12 for base)
     # Stratified share of the train split that fits the probe / is the kNN memory. None: the
     # fine-tuning label subset itself (finetune.label_fraction, same seed: the same images), so
@@ -212,7 +212,7 @@ class ProbeConfig:
     pixel_reference: bool = True
     batch_size: int = 256  # feature extraction
     num_workers: int = 2
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     epochs: int = 30  # linear classifier on cached features
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -222,20 +222,18 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.train_fraction is not None and not 0.0 < self.train_fraction <= 1.0:
-            raise ConfigError(f"probe.train_fraction={self.train_fraction}: must be in (0, 1] or null "
-                              "(finetune.label_fraction)")
+            raise ValueError(f"train_fraction={self.train_fraction}: must be in (0, 1] or null "
+                             "(finetune.label_fraction)")
         if self.block is not None and self.block < 1:
-            raise ConfigError(f"probe.block={self.block}: must be >= 1 (blocks counted from 1) or null")
+            raise ValueError(f"block={self.block}: must be >= 1 (blocks counted from 1) or null")
         if self.knn_k < 1 or self.knn_temperature <= 0:
-            raise ConfigError("probe.knn_k must be >= 1 and probe.knn_temperature > 0")
+            raise ValueError("knn_k must be >= 1 and knn_temperature > 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
     """`beit report`: this run's metrics beside the paper's, plus the DVC experiments table."""
 
-    out: str = "reports/results.md"
-    figure: str = "reports/results.png"
     experiments: bool = True  # add the `dvc exp show --json` ablation table (skipped with a note if dvc fails)
 
 
@@ -255,10 +253,15 @@ class Params:
     finetune: FinetuneConfig = FinetuneConfig()
     probe: ProbeConfig = ProbeConfig()
     report: ReportConfig = ReportConfig()
+    outputs: OutputsConfig = OutputsConfig()
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio={self.mask_ratio}: must be in (0, 1), e.g. 0.4")
+        _ = self.mask  # validates masking and mask_ratio, once, where the generator does
+
+    @property
+    def mask(self) -> MaskingConfig:
+        """The mask generator's settings: the top-level knobs + `pretrain.blocks`."""
+        return MaskingConfig(kind=self.masking, mask_ratio=self.mask_ratio, blocks=self.pretrain.blocks)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -333,7 +336,13 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     except ConfigError:
         raise
     except ValueError as err:  # a section's own validation (e.g. ViewConfig ranges)
-        raise ConfigError(f"{where or 'params'}: {err}") from None
+        msg = str(err)
+        if where:  # name the keys in full: "views=0: must be >= 1" -> "tokenize.views=0: must be >= 1"
+            qualified = re.sub(rf"(?<![\w.])({'|'.join(map(re.escape, names))})(?![\w(])", rf"{where}.\1", msg)
+            if qualified != msg:
+                raise ConfigError(qualified) from None
+        raise ConfigError(f"{where or 'params'}: {msg}" if where or msg.split("=", 1)[0] not in names
+                          else msg) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -1,67 +1,50 @@
 """`beit finetune` and `beit scratch`: image classification on labelled shards.
 
-One recipe, two inits. `finetune` starts the encoder from models/pretrain (or
-an official unilm checkpoint, `--init unilm:PATH`); `scratch` from a random
-BEiT init (the paper's from-scratch baseline). Everything else is shared by
-construction: the classifier (mean pooling, fc_norm, head init), param groups
-(layer-wise lr decay), data order, augmentation, mixup/cutmix draws and
-schedule, all seeded from params.seed only.
+One recipe (the `finetune` section), two inits. `finetune` starts the encoder from
+outputs.pretrain (or an official unilm checkpoint, `--init unilm:PATH`); `scratch`
+from a random BEiT init (the paper's from-scratch baseline). Everything else is
+shared by construction: the classifier (mean pooling, fc_norm, head init), param
+groups (layer-wise lr decay), data order, augmentation, mixup/cutmix draws and
+schedule, all seeded from params.seed only. Each command writes its own
+`outputs.<kind>` record.
 
-Resumable like pretrain: checkpoints under runs/<kind>-<fingerprint>/; every
-random choice is a function of (seed, step) or (seed, epoch, key), so a run
-resumed after `--stop-after` continues exactly where it stopped.
-Top-1/top-5 on the eval split after every epoch (the first `eval_samples`
-images; the last epoch scores the whole split, and that is the reported metric).
+The loop is stages/loop.py's `fit`: resumable under `<outputs.runs>/<kind>-<fingerprint>/`,
+top-1/top-5 on the eval split after every epoch (the first `eval_samples` images; the
+last epoch scores the whole split, and that is the reported metric).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from model.beit import create_model, timm_export
+from model.beit import create_model, load_encoder, timm_export
 from model.checkpoints import WEIGHTS, save_checkpoint
-from model.classifier import BeitClassifier, load_encoder
-from model.engine import Dist, OptimConfig, Stepper, all_mean, setup_distributed, teardown_distributed
-from model.mixup import MixConfig, mix_batch, soft_cross_entropy
-from pipeline.classify import ClassifyDataset, LabelledSplit, eval_batches, open_labelled
-from pipeline.fingerprint import json_fingerprint, stable_hash
-from pipeline.loader import LoaderConfig, batches
-from pipeline.views import ViewConfig
+from model.classifier import BeitClassifier
+from model.engine import Dist, Stepper, setup_distributed, teardown_distributed
+from model.mixup import mix_batch, soft_cross_entropy
+from pipeline.classify import ClassifyDataset, LabelledSplit, open_labelled
+from pipeline.fingerprint import file_fingerprint, json_fingerprint, stable_hash
+from pipeline.stream import batches, epoch_steps, eval_batches
 from stages.config import ConfigError, Params, load_params
-from stages.metrics import TsvLog, plot_curves, write_json
-from stages.training import (checkpoint, micro_batch, plan_steps, require_finite, resume,
-                             seed_step)
+from stages.figures import plot_curves
+from stages.loop import Task, fit, micro_batch, plan_steps
+from stages.metrics import TsvLog, publish_curve, topk_hits, write_json
 
-COLUMNS = ["step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "eval_loss", "eval_top1", "eval_top5"]
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+Kind = Literal["finetune", "scratch"]
+COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "eval_loss", "eval_top1", "eval_top5")
 
 
-def num_classes(split: LabelledSplit) -> int:
-    classes = split.shard_dir / "classes.json"
-    return len(json.loads(classes.read_text())) if classes.exists() else split.num_classes
-
-
-def encoder_init(params: Params, scratch: bool, init: Optional[str]) -> tuple[dict, object, str]:
+def encoder_init(params: Params, kind: Kind, init: Optional[str]) -> tuple[dict, object, str]:
     """(timm-layout encoder state dict, BeitConfig, fingerprint of the init)."""
-    if scratch:
+    if kind == "scratch":
         torch.manual_seed(params.seed)
         encoder = create_model(params.model)  # the paper's init, from model/beit.py
         return timm_export(encoder)[0], encoder.config, "scratch"
@@ -72,19 +55,19 @@ def encoder_init(params: Params, scratch: bool, init: Optional[str]) -> tuple[di
             raise ConfigError(f"--init {init!r}: expected unilm:PATH (an official microsoft/unilm BEiT .pth)")
         path = init.removeprefix("unilm:")
         config, sd = load_unilm(path)
-        return sd, config, f"unilm-{file_digest(path)}"
-    ckpt = Path(params.pretrain.out)
+        return sd, config, f"unilm-{file_fingerprint(path)}"
+    ckpt = Path(params.outputs.pretrain.dir)
     if not (ckpt / WEIGHTS).exists():
         raise FileNotFoundError(f"{ckpt}: no pretrained checkpoint; run `beit pretrain` "
                                 "(or `dvc repro pretrain`), or use `beit scratch`")
     encoder = load_encoder(ckpt)
-    return timm_export(encoder)[0], encoder.config, f"pretrain-{file_digest(ckpt / WEIGHTS)}"
+    return timm_export(encoder)[0], encoder.config, f"pretrain-{file_fingerprint(ckpt / WEIGHTS)}"
 
 
-def build_classifier(params: Params, scratch: bool, init: Optional[str], classes: int
+def build_classifier(params: Params, kind: Kind, init: Optional[str], classes: int
                      ) -> tuple[BeitClassifier, str]:
-    """The model both commands train: only the encoder weights depend on `scratch`/`init`."""
-    sd, config, init_fp = encoder_init(params, scratch, init)
+    """The model both commands train: only the encoder weights depend on `kind`/`init`."""
+    sd, config, init_fp = encoder_init(params, kind, init)
     if config.img_size != params.data.image_size:
         raise ConfigError(f"model input {config.img_size} px != data.image_size={params.data.image_size}")
     torch.manual_seed(stable_hash("classifier-head", params.seed) % 2**63)  # same head init for both
@@ -93,37 +76,34 @@ def build_classifier(params: Params, scratch: bool, init: Optional[str], classes
     return model, init_fp
 
 
-def run_fingerprint(params: Params, kind: str, init_fp: str, train: LabelledSplit) -> str:
+def run_fingerprint(params: Params, kind: Kind, init_fp: str, train: LabelledSplit) -> str:
     """Everything that changes the trajectory; not output paths, logging or eval cadence.
     `validation` stays in although it only changes what is scored: the run's log holds the
     per-epoch scores, and a tuning run must never report test-split scores (or vice versa)."""
-    cfg = dataclasses.asdict(params.finetune)
-    for k in ("out", "scratch_out", "runs", "log_every", "checkpoint_every", "eval_samples", "device", "init"):
-        cfg.pop(k)
+    cfg = params.finetune
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("init", "loop", "eval_samples")}
     return json_fingerprint({"kind": kind, "seed": params.seed, "model": params.model, "init": init_fp,
-                             "image_size": params.data.image_size, "finetune": cfg,
-                             "train": train.fingerprint})
+                             "image_size": params.data.image_size, "finetune": recipe,
+                             "loop": cfg.loop.trajectory(), "train": train.fingerprint})
 
 
-def _loss(net, batch: dict):
+def classify_loss(net, batch: dict):
     return soft_cross_entropy(net(batch["image"]), batch["target"]), {}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: ClassifyDataset, lcfg: LoaderConfig, env: Dist,
+def evaluate(model: torch.nn.Module, dataset: ClassifyDataset, batch_size: int, num_workers: int, env: Dist,
              limit: Optional[int] = None) -> dict:
     """Top-1 / top-5 accuracy and cross-entropy over (the first `limit` images of) the split."""
     was_training = model.training
     model.eval()
-    k = min(5, model.num_classes)
-    sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@k, loss sum, count
+    sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
     per_rank = None if limit is None else math.ceil(limit / env.world)
-    for batch in eval_batches(dataset, lcfg, per_rank):
+    for batch in eval_batches(dataset, batch_size, num_workers, per_rank):
         logits = model(batch["image"].to(env.device)).float()  # [B, K]
         labels = batch["label"].to(env.device)  # [B]
-        topk = logits.topk(k, dim=-1).indices  # [B, k]
-        hit = topk == labels[:, None]  # [B, k]
-        sums += torch.tensor([hit[:, 0].sum().item(), hit.any(-1).sum().item(),
+        top1, top5 = topk_hits(logits, labels)  # bool [B] each
+        sums += torch.tensor([top1.sum().item(), top5.sum().item(),
                               F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
                              dtype=torch.float64)
     if env.world > 1:
@@ -136,21 +116,31 @@ def evaluate(model: torch.nn.Module, dataset: ClassifyDataset, lcfg: LoaderConfi
             "eval_loss": sums[2].item() / n, "eval_samples": int(sums[3].item())}
 
 
-def train_classifier(params: Params, scratch: bool, init: Optional[str] = None,
+def finetune(params: Params, init: Optional[str] = None, stop_after: Optional[int] = None) -> dict:
+    """Fine-tune from outputs.pretrain (or `init`, unilm:PATH); the final metrics, or
+    {"stopped_at": step} after `stop_after` steps."""
+    return train_classifier(params, "finetune", init, stop_after)
+
+
+def scratch(params: Params, stop_after: Optional[int] = None) -> dict:
+    """The same recipe from random init (the paper's baseline)."""
+    return train_classifier(params, "scratch", None, stop_after)
+
+
+def train_classifier(params: Params, kind: Kind, init: Optional[str] = None,
                      stop_after: Optional[int] = None) -> dict:
-    """Train; returns the final metrics (or {"stopped_at": step} after `stop_after` steps)."""
-    env = setup_distributed(params.finetune.device)
+    """`finetune` or `scratch`, on the ranks torchrun started (one process without it)."""
+    env = setup_distributed(params.finetune.loop.device)
     try:
-        return _train(params, env, scratch, init, stop_after)
+        return run(params, env, kind, init, stop_after)
     finally:
         teardown_distributed()
 
 
-def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_after: Optional[int]) -> dict:
-    cfg = params.finetune
-    kind = "scratch" if scratch else "finetune"
-    init = None if scratch else (init or cfg.init)
-    shards = Path(params.shard.out)
+def run(params: Params, env: Dist, kind: Kind, init: Optional[str], stop_after: Optional[int]) -> dict:
+    cfg, out = params.finetune, params.outputs
+    init = None if kind == "scratch" else (init or cfg.init)
+    shards, size = Path(out.shards), params.data.image_size
     train = open_labelled(shards / params.data.train_split, cfg.label_fraction, params.seed)
     if cfg.validation is None:
         held, scored = open_labelled(shards / params.data.eval_split), params.data.eval_split
@@ -158,123 +148,78 @@ def _train(params: Params, env: Dist, scratch: bool, init: Optional[str], stop_a
         held = open_labelled(shards / params.data.train_split, cfg.label_fraction, params.seed,
                              holdout=cfg.validation)
         scored = f"{params.data.train_split} holdout of {held.num_samples}"
-    classes = num_classes(train)
-    model, init_fp = build_classifier(params, scratch, init, classes)
+    classes = train.num_classes
+    model, init_fp = build_classifier(params, kind, init, classes)
 
-    micro = micro_batch(cfg.batch_size, cfg.accum_steps, env, "finetune")
-    lcfg = LoaderConfig(batch_size=micro, num_workers=cfg.num_workers,
-                        shuffle_buffer=cfg.shuffle_buffer, image_size=params.data.image_size)
-    views = ViewConfig(scale=cfg.crop_scale, ratio=cfg.crop_ratio, flip_p=cfg.flip_p,
-                       brightness=cfg.color_jitter, contrast=cfg.color_jitter,
-                       saturation=cfg.color_jitter, hue=0.0)
-    data = ClassifyDataset(train, lcfg, params.seed, train=True, views=views)
-    eval_data = ClassifyDataset(held, lcfg, params.seed, train=False)
-    mix = MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
-                    smoothing=cfg.label_smoothing)
-    plan = plan_steps(train, lcfg, params.seed, cfg.epochs, cfg.accum_steps, cfg.warmup_epochs,
-                      env, "finetune")
-    steps, total = plan.steps, plan.total
+    micro, workers = micro_batch(cfg.loop, env, "finetune"), cfg.loader.num_workers
+    data = ClassifyDataset(train, cfg.loader, size, params.seed, train=True, views=cfg.views)
+    eval_data = ClassifyDataset(held, cfg.loader, size, params.seed, train=False)
+    plan = plan_steps(lambda e: epoch_steps(train, micro, workers, params.seed, e, env.world),
+                      cfg.loop, train.num_samples, "finetune")
+    stepper = Stepper(model, cfg.optim, env, num_layers=len(model.blocks))
+    run_dir = Path(out.runs) / f"{kind}-{run_fingerprint(params, kind, init_fp, train)}"
 
-    stepper = Stepper(model, OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                         betas=cfg.betas, clip_grad=cfg.clip_grad,
-                                         layer_decay=cfg.layer_decay, amp=cfg.amp, compile=cfg.compile),
-                      env, num_layers=len(model.blocks))
-    run_dir = Path(cfg.runs) / f"{kind}-{run_fingerprint(params, kind, init_fp, train)}"
-    step, epoch, in_epoch = resume(run_dir, stepper)
-    log = TsvLog(run_dir / "log.tsv", COLUMNS) if env.main else None
-    if log is not None:
-        log.truncate_after(step)
-        click.echo(f"{kind}: {params.model}, {train.num_samples} labelled images "
-                   f"({cfg.label_fraction:g} of the labels), {classes} classes, {total} steps, "
-                   f"run dir {run_dir}" + (f", resumed at step {step}" if step else ""))
+    def micro_batches(epoch: int, skip: int):
+        return batches(data, micro, workers, epoch, skip=skip)
 
-    bar = tqdm(total=total, initial=step, unit="step", disable=not env.main, smoothing=0.05)
-    last: dict = {}
-    scores: dict = {}
-    t0, seen = time.perf_counter(), 0
-    while epoch < cfg.epochs:
-        it = batches(data, lcfg, epoch, skip=in_epoch * cfg.accum_steps)
-        while in_epoch < steps[epoch]:
-            micro_batches = []
-            for j in range(cfg.accum_steps):
-                b = next(it)
-                rng = np.random.default_rng(stable_hash("mix", params.seed, step, env.rank, j))
-                x, y = mix_batch(b["image"], b["label"], classes, mix, rng)  # [B,3,S,S], [B,K]
-                micro_batches.append({"image": x.to(env.device), "target": y.to(env.device)})
-            seed_step(params.seed, step, env.rank)
-            lr = stepper.set_lr(step, total, plan.warmup)
-            stats = stepper.step(micro_batches, _loss)
-            step, in_epoch, seen = step + 1, in_epoch + 1, seen + cfg.batch_size
-            require_finite(stats, step, "finetune")
-            if step % cfg.log_every == 0 or step == total:
-                stats = all_mean(stats, env)
-                last = {"step": step, "epoch": epoch, "lr": lr,
-                        "img_per_s": seen / (time.perf_counter() - t0), **stats}
-                if log is not None:
-                    log.append(last)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{last['img_per_s']:.0f}")
-            bar.update(1)
-            done_epoch = in_epoch == steps[epoch]
-            if done_epoch:  # before the checkpoint, so a resumed run never skips an evaluation
-                final = epoch == cfg.epochs - 1
-                scores = evaluate(stepper.model, eval_data, lcfg, env, None if final else cfg.eval_samples)
-                if log is not None:
-                    log.append({"step": step, "epoch": epoch, **scores})
-                    bar.write(f"{kind} epoch {epoch + 1}/{cfg.epochs}: top-1 {scores['eval_top1']:.4f} "
-                              f"top-5 {scores['eval_top5']:.4f} on {scores['eval_samples']} images")
-            if step % cfg.checkpoint_every == 0 or step == stop_after or (done_epoch and step < total):
-                checkpoint(run_dir, step, stepper, env, epoch, in_epoch, steps[epoch])
-            if stop_after is not None and step >= stop_after and step < total:
-                bar.close()
-                return {"stopped_at": step}
-        epoch, in_epoch = epoch + 1, 0
-    bar.close()
-    if not scores:  # resumed after the last evaluation (a finished run rerun): score again
-        scores = evaluate(stepper.model, eval_data, lcfg, env, None)
+    def mixed(batch: dict, step: int, j: int) -> dict:
+        rng = np.random.default_rng(stable_hash("mix", params.seed, step, env.rank, j))
+        x, y = mix_batch(batch["image"], batch["label"], classes, cfg.mix, rng)  # [B,3,S,S], [B,K]
+        return {"image": x.to(env.device), "target": y.to(env.device)}
+
+    def score(final: bool) -> dict:
+        return evaluate(stepper.model, eval_data, micro, workers, env, None if final else cfg.eval_samples)
+
+    task = Task(kind, COLUMNS, micro_batches, mixed, classify_loss, score)
+    header = (f"{params.model}, {train.num_samples} labelled images ({cfg.label_fraction:g} of the labels), "
+              f"{classes} classes, ")
+    result = fit(task, stepper, plan, cfg.loop, run_dir, env, params.seed, stop_after, header)
+    if result.stopped_at is not None:
+        return {"stopped_at": result.stopped_at}
+    scores = result.scores or score(True)  # resumed after the last evaluation (a finished run rerun)
 
     history = [r for r in TsvLog(run_dir / "log.tsv", COLUMNS).rows() if r.get("eval_top1")] if env.main else []
+    last = result.last
     metrics = {"top1": scores["eval_top1"], "top5": scores["eval_top5"], "eval_loss": scores["eval_loss"],
                "eval_samples": scores["eval_samples"], "eval_on": scored, "train_samples": train.num_samples,
-               "label_fraction": cfg.label_fraction, "epochs": cfg.epochs, "steps": total,
+               "label_fraction": cfg.label_fraction, "epochs": cfg.loop.epochs, "steps": plan.total,
                "init": init_fp.split("-")[0], "train_loss": last.get("loss"),
                "img_per_s": last.get("img_per_s"),
                "epoch_top1": [float(r["eval_top1"]) for r in history]}
     if env.main:
-        out = cfg.scratch_out if scratch else cfg.out
-        save_checkpoint(out, stepper.model.state_dict(),
+        paths = getattr(out, kind)
+        save_checkpoint(paths.dir, stepper.model.state_dict(),
                         model.checkpoint_config(model=params.model, init=init_fp, run=run_dir.name))
-        write_json(cfg.scratch_metrics if scratch else cfg.metrics, metrics)
-        curve = Path(cfg.scratch_curve if scratch else cfg.curve)
-        curve.parent.mkdir(parents=True, exist_ok=True)
-        curve.write_text((run_dir / "log.tsv").read_text())
-        plot_curves(curve, cfg.scratch_figure if scratch else cfg.figure, ["loss", "eval_top1", "lr"],
+        write_json(paths.metrics, metrics)
+        publish_curve(run_dir / "log.tsv", paths.curve)
+        plot_curves(paths.curve, paths.figure, ["loss", "eval_top1", "lr"],
                     f"{kind} ({params.model}, {cfg.label_fraction:g} of the labels)")
     return metrics
 
 
-def _cli(kind: str):
+def command(kind: Kind) -> click.Command:
     @click.command(name=kind)
     @click.option("--params", "params_path", default="params.yaml", show_default=True)
     @click.option("--stop-after", type=int, default=None,
                   help="Stop after this many steps with a checkpoint (simulates preemption).")
-    def command(params_path: str, stop_after: Optional[int], **kw) -> None:
+    def cli(params_path: str, stop_after: Optional[int], **kw) -> None:
         try:
-            metrics = train_classifier(load_params(params_path), kind == "scratch", kw.get("init"), stop_after)
+            metrics = train_classifier(load_params(params_path), kind, kw.get("init"), stop_after)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             raise click.ClickException(str(err)) from None
         click.echo(json.dumps(metrics, sort_keys=True))
 
     if kind == "finetune":
-        command = click.option("--init", default=None, metavar="unilm:PATH",
-                               help="Start from an official microsoft/unilm BEiT .pth instead of "
-                                    "pretrain.out (overrides finetune.init).")(command)
-    command.help = ("Fine-tune the pretrained BEiT encoder on labelled images." if kind == "finetune"
-                    else "Train the same classifier with the same recipe from random init (baseline).")
-    return command
+        cli = click.option("--init", default=None, metavar="unilm:PATH",
+                           help="Start from an official microsoft/unilm BEiT .pth instead of "
+                                "outputs.pretrain (overrides finetune.init).")(cli)
+    cli.help = ("Fine-tune the pretrained BEiT encoder on labelled images." if kind == "finetune"
+                else "Train the same classifier with the same recipe from random init (baseline).")
+    return cli
 
 
-finetune_cli = _cli("finetune")
-scratch_cli = _cli("scratch")
+finetune_cli = command("finetune")
+scratch_cli = command("scratch")
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m stages.finetune
     finetune_cli()

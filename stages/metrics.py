@@ -1,12 +1,13 @@
-"""Metric files the DVC stages write: a per-step TSV (DVC plots), a final JSON
-(DVC metrics), and a PNG of the curves for people."""
+"""Metric files the DVC stages write: a per-step TSV (DVC plots) and a final JSON
+(DVC metrics); the pictures of them are in stages/figures.py."""
 from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Optional
+
+from pipeline.atomic import atomic_file, atomic_write
 
 
 class TsvLog:
@@ -30,16 +31,14 @@ class TsvLog:
             return list(csv.DictReader(f, delimiter="\t"))
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_file(self.path) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, self.columns, delimiter="\t")
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path)
 
     def append(self, row: dict) -> None:
         with self.path.open("a") as f:
-            f.write("\t".join(_fmt(row.get(c)) for c in self.columns) + "\n")
+            f.write(tsv_line(self.columns, row))
 
 
 def _fmt(v) -> str:
@@ -48,35 +47,28 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def tsv_line(columns: Iterable[str], row: dict) -> str:
+    return "\t".join(_fmt(row.get(c)) for c in columns) + "\n"
+
+
+def tsv_text(columns: Iterable[str], rows: Iterable[dict]) -> str:
+    """A whole TSV (header + rows), formatted as TsvLog writes it."""
+    columns = list(columns)
+    return "\t".join(columns) + "\n" + "".join(tsv_line(columns, r) for r in rows)
+
+
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def plot_curves(tsv: str | Path, png: str | Path, ys: list[str], title: str,
-                x: str = "step", logy: Optional[set[str]] = None) -> None:
-    import matplotlib
+def publish_curve(log: str | Path, curve: str | Path) -> None:
+    """Copy a run's step log (under outputs.runs, untracked) to the DVC plot path."""
+    atomic_write(curve, Path(log).read_bytes())
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    with open(tsv) as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.2), squeeze=False)
-    for ax, y in zip(axes[0], ys):
-        pts = [(float(r[x]), float(r[y])) for r in rows if r.get(y) not in (None, "")]
-        if pts:
-            ax.plot(*zip(*pts), lw=1.2)
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        if logy and y in logy:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+def topk_hits(scores, labels) -> tuple:
+    """scores [M, K], labels [M] -> (bool [M] correct at top-1, bool [M] correct at top-5),
+    top-k capped at K. Probes average them; fine-tuning sums them over batches and ranks."""
+    k = min(5, scores.shape[1])
+    hit = scores.topk(k, dim=-1).indices == labels[:, None]  # [M, k]
+    return hit[:, 0], hit.any(-1)

@@ -1,9 +1,9 @@
 """`beit linear-probe` and `beit knn`: how good are the frozen pretrained features?
 
-Features (paper App. D): the encoder from models/pretrain, frozen, run up to
+Features (paper App. D): the encoder from outputs.pretrain, frozen, run up to
 block `probe.block` (default: all blocks); the patch tokens are averaged
 (no CLS). Extracted once per (checkpoint, block, split, subset) into a cache
-under runs/features-<fingerprint>/ that both commands share.
+under <outputs.runs>/features-<fingerprint>/ that both commands share.
 
 linear-probe: features standardised with the train mean/std (a BatchNorm
 without affine, as MAE/BEiT probes use), then one linear layer trained with
@@ -33,31 +33,34 @@ from model.checkpoints import WEIGHTS
 from model.classifier import BeitClassifier
 from model.engine import setup_distributed
 from model.optim import lr_at
-from pipeline.classify import ClassifyDataset, LabelledSplit, eval_batches, open_labelled
-from pipeline.fingerprint import json_fingerprint
-from pipeline.loader import LoaderConfig
+from pipeline.atomic import atomic_file
+from pipeline.classify import ClassifyDataset, LabelledSplit, open_labelled
+from pipeline.fingerprint import file_fingerprint, json_fingerprint
+from pipeline.schema import LoaderConfig
+from pipeline.stream import eval_batches
 from stages.config import ConfigError, Params, load_params
-from stages.finetune import file_digest, num_classes
-from stages.metrics import write_json
+from stages.metrics import topk_hits, write_json
 
 
 @torch.no_grad()
-def extract_features(model: BeitClassifier, split: LabelledSplit, lcfg: LoaderConfig,
-                     block: Optional[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: BeitClassifier, split: LabelledSplit, image_size: int, batch_size: int,
+                     num_workers: int, block: Optional[int], device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (features float [N, D], labels long [N]) over the (kept) split, stored order."""
     model.eval().to(device)
-    data = ClassifyDataset(split, lcfg, seed=0, train=False)
+    data = ClassifyDataset(split, LoaderConfig(num_workers=num_workers), image_size, seed=0, train=False)
     feats, labels = [], []
-    for batch in eval_batches(data, lcfg):
+    for batch in eval_batches(data, batch_size, num_workers):
         feats.append(model.pooled(batch["image"].to(device), block).float().cpu())  # [B, D]
         labels.append(batch["label"])  # [B]
     return torch.cat(feats), torch.cat(labels)
 
 
-def extract_pixels(split: LabelledSplit, lcfg: LoaderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_pixels(split: LabelledSplit, image_size: int, batch_size: int, num_workers: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (pixels float [N, 3*S*S], labels long [N]): the encoder's input view, flattened."""
-    data = ClassifyDataset(split, lcfg, seed=0, train=False)
-    pairs = [(b["image"].flatten(1), b["label"]) for b in eval_batches(data, lcfg)]  # [B, 3*S*S], [B]
+    data = ClassifyDataset(split, LoaderConfig(num_workers=num_workers), image_size, seed=0, train=False)
+    pairs = [(b["image"].flatten(1), b["label"]) for b in eval_batches(data, batch_size, num_workers)]
     return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
@@ -66,38 +69,34 @@ def cached_features(params: Params, split_name: str, fraction: float, pixels: bo
     """Features of `split_name` (stratified `fraction` of it), computed once per fingerprint.
     pixels=True: the raw-pixel reference instead of the pretrained encoder's features."""
     cfg = params.probe
-    ckpt = Path(params.pretrain.out)
+    ckpt = Path(params.outputs.pretrain.dir)
     if not pixels and not (ckpt / WEIGHTS).exists():
         raise FileNotFoundError(f"{ckpt}: no pretrained checkpoint; run `beit pretrain` (or `dvc repro pretrain`)")
-    split = open_labelled(Path(params.shard.out) / split_name, fraction, params.seed)
-    source = {"pixels": True} if pixels else {"ckpt": file_digest(ckpt / WEIGHTS), "block": cfg.block}
+    split = open_labelled(Path(params.outputs.shards) / split_name, fraction, params.seed)
+    source = {"pixels": True} if pixels else {"ckpt": file_fingerprint(ckpt / WEIGHTS), "block": cfg.block}
     fp = json_fingerprint({**source, "split": split.fingerprint, "image_size": params.data.image_size})
-    path = Path(cfg.runs) / f"features-{fp}" / f"{split_name}.safetensors"
+    path = Path(params.outputs.runs) / f"features-{fp}" / f"{split_name}.safetensors"
     if path.exists():
         t = load_file(str(path))
         return t["features"], t["labels"]
-    lcfg = LoaderConfig(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        image_size=params.data.image_size)
+    size = params.data.image_size
     t0 = time.perf_counter()
     if pixels:
-        feats, labels = extract_pixels(split, lcfg)
+        feats, labels = extract_pixels(split, size, cfg.batch_size, cfg.num_workers)
     else:
         model = BeitClassifier.from_pretrained(ckpt, num_classes=0, drop_path=0.0)
-        feats, labels = extract_features(model, split, lcfg, cfg.block, setup_distributed(cfg.device).device)
+        feats, labels = extract_features(model, split, size, cfg.batch_size, cfg.num_workers, cfg.block,
+                                         setup_distributed(cfg.device).device)
     click.echo(f"features: {split_name} {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp))
-    tmp.replace(path)  # atomic: a killed run leaves no half-written cache
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written cache
+        save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp))
     return feats, labels
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
     """scores [M, K], labels [M] -> {"top1", "top5"} (top-k capped at K)."""
-    k = min(5, scores.shape[1])
-    top = scores.topk(k, dim=-1).indices  # [M, k]
-    hit = top == labels[:, None]  # [M, k]
-    return {"top1": hit[:, 0].float().mean().item(), "top5": hit.any(-1).float().mean().item()}
+    top1, top5 = topk_hits(scores, labels)  # bool [M] each
+    return {"top1": top1.float().mean().item(), "top5": top5.float().mean().item()}
 
 
 def train_linear(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int, lr: float,
@@ -146,7 +145,7 @@ def _data(params: Params, pixels: bool = False):
     fraction = params.finetune.label_fraction if p.train_fraction is None else p.train_fraction
     train_x, train_y = cached_features(params, params.data.train_split, fraction, pixels)
     test_x, test_y = cached_features(params, params.data.eval_split, 1.0, pixels)
-    classes = num_classes(open_labelled(Path(params.shard.out) / params.data.train_split))
+    classes = open_labelled(Path(params.outputs.shards) / params.data.train_split).num_classes
     return train_x, train_y, test_x, test_y, classes
 
 
@@ -169,7 +168,7 @@ def linear_probe(params: Params) -> dict:
                "train_samples": n_train, "eval_samples": n_eval, "feature_dim": dim}
     if p.pixel_reference:
         metrics["pixels_top1"] = _fit_linear(params, pixels=True)[0]["top1"]
-    write_json(p.linear_metrics, metrics)
+    write_json(params.outputs.linear_probe.metrics, metrics)
     return metrics
 
 
@@ -188,7 +187,7 @@ def knn(params: Params) -> dict:
                "train_samples": n_train, "eval_samples": n_eval}
     if p.pixel_reference:
         metrics["pixels_top1"] = _knn_top(params, pixels=True)[0]["top1"]
-    write_json(p.knn_metrics, metrics)
+    write_json(params.outputs.knn.metrics, metrics)
     return metrics
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import click
 
+from pipeline.atomic import atomic_file, atomic_write
 from stages.config import ConfigError, Params, load_params
 
 # Paper (Bao et al. 2021), ImageNet-1k top-1 after fine-tuning, ViT-B/16 at 224 px.
@@ -39,16 +40,11 @@ EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc 
 def metric_sources(params: Any) -> dict[str, Optional[str]]:
     """name -> metric JSON path each stage writes (None: this pipeline has no such path).
 
-    Every path comes from params, the same values dvc.yaml interpolates.
+    Every path comes from params.outputs, the same values dvc.yaml interpolates.
     """
-    return {
-        "tokenizer": params.tokenizer.metrics,
-        "pretrain": params.pretrain.metrics,
-        "finetune": params.finetune.metrics,
-        "scratch": params.finetune.scratch_metrics,
-        "linear_probe": params.probe.linear_metrics,
-        "knn": params.probe.knn_metrics,
-    }
+    out = params.outputs
+    return {name: getattr(out, name).metrics
+            for name in ("tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn")}
 
 
 def load_metrics(sources: dict[str, Optional[str]], root: str | Path = ".") -> dict[str, Optional[dict]]:
@@ -349,25 +345,22 @@ def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[
         a.grid(axis="y", alpha=0.3)
     fig.suptitle("Different scales: only the direction is comparable with the paper", fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def context_of(params: Params) -> dict:
     return {"model": params.model, "source": params.data.source, "image_size": params.data.image_size,
             "mask_ratio": params.mask_ratio, "masking": params.masking, "target": params.target,
-            "seed": params.seed, "pretrain_epochs": params.pretrain.epochs,
-            "finetune_epochs": params.finetune.epochs, "label_fraction": params.finetune.label_fraction}
+            "seed": params.seed, "pretrain_epochs": params.pretrain.loop.epochs,
+            "finetune_epochs": params.finetune.loop.epochs, "label_fraction": params.finetune.label_fraction}
 
 
 def report(params: Params, exp_json: Optional[list] = None, experiments: Optional[bool] = None,
            root: str | Path = ".") -> dict:
-    """Write params.report.out (+ figure); `exp_json` replaces running `dvc exp show --json`."""
-    cfg = params.report
+    """Write outputs.report (Markdown + figure); `exp_json` replaces running `dvc exp show --json`."""
+    cfg, paths = params.report, params.outputs.report
     sources = metric_sources(params)
     metrics = load_metrics(sources, root)
     rows, note = None, ""
@@ -383,16 +376,13 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
     if rows is not None and not any(r["kind"] == "experiment" for r in rows) and not note:
         note = ("No DVC experiments yet: try `dvc exp run -S masking=random`, `-S target=pixels`, "
                 "`-S mask_ratio=0.3`, then `beit report`.")
-    out, fig = Path(root) / cfg.out, Path(root) / cfg.figure
+    out, fig = Path(root) / paths.markdown, Path(root) / paths.figure
     context = context_of(params)
     plot_results(metrics, rows, fig, context)
     text = render_markdown(context, sources, metrics, rows, note,
                            figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return {"report": str(cfg.out), "figure": str(cfg.figure),
+    atomic_write(out, text)
+    return {"report": paths.markdown, "figure": paths.figure,
             "metrics_found": sorted(n for n, d in metrics.items() if d is not None),
             "experiments": sum(r["kind"] == "experiment" for r in rows or [])}
 

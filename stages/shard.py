@@ -10,23 +10,19 @@ from typing import Optional
 
 import click
 
-from pipeline.shards import Settings, ShardError, SplitSummary, StrictFailure, shard_split
+from pipeline.shards import ShardError, SplitSummary, StrictFailure, shard_split
 from pipeline.sources import SourceError, make_source
 from stages.config import ConfigError, Params, load_params
 
 
-def main(params: Params, splits: tuple[str, ...], progress: bool = True) -> list[SplitSummary]:
+def shard(params: Params, splits: tuple[str, ...], progress: bool = True) -> list[SplitSummary]:
     """Shard every split in `splits` as `params` say; returns one summary per split."""
-    data, cfg = params.data, params.shard
+    data, out = params.data, params.outputs.shards
     source = make_source(data.source, data.root, tuple(data.splits) + splits)
-    settings = Settings(cfg.resize_short, cfg.max_pixels, cfg.jpeg_quality, cfg.verify)
     summaries = []
     for split in splits:
-        summary = shard_split(
-            source, split, cfg.out, seed=params.seed, shard_size=cfg.shard_size, settings=settings,
-            workers=cfg.workers, strict=cfg.strict, progress=progress,
-        )
-        click.echo(format_summary(summary, cfg.out))
+        summary = shard_split(source, split, out, params.shard, seed=params.seed, progress=progress)
+        click.echo(format_summary(summary, out))
         summaries.append(summary)
     return summaries
 
@@ -51,13 +47,13 @@ def format_summary(s: SplitSummary, out: str) -> str:
 @click.option("--source", default=None, help="fashion-mnist | imagefolder (data.source)")
 @click.option("--root", default=None, help="source root; imagefolder: ROOT/<split>/<class>/<file> (data.root)")
 @click.option("--split", "splits", multiple=True, help="split to shard; repeatable (default: data.splits)")
-@click.option("--out", default=None, help="output folder; shards go to OUT/<split>/ (shard.out)")
+@click.option("--out", default=None, help="output folder; shards go to OUT/<split>/ (outputs.shards)")
 @click.option("--shard-size", type=int, default=None, help="samples per tar (shard.shard_size)")
 @click.option("--resize-short", type=int, default=None,
-              help="shrink so the shorter side is <= N, never enlarge; 0 = no resize (shard.resize_short)")
+              help="shrink so the shorter side is <= N, never enlarge; 0 = no resize (shard.encode.resize_short)")
 @click.option("--workers", type=int, default=None, help="worker processes, one shard each (shard.workers)")
 @click.option("--strict/--no-strict", default=None, help="stop at the first bad input (shard.strict)")
-@click.option("--verify/--no-verify", default=None, help="fully decode pass-through JPEGs (shard.verify)")
+@click.option("--verify/--no-verify", default=None, help="fully decode pass-through JPEGs (shard.encode.verify)")
 @click.option("--seed", type=int, default=None, help="shuffle seed (seed)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
 def cli(
@@ -68,17 +64,22 @@ def cli(
     """Write WebDataset shards of the image source (see params.yaml `data:` and `shard:`)."""
     try:
         params = load_params(params_path)
-        data = _override(params.data, source=source, root=root)
+        data = override(params.data, source=source, root=root)
         if source is not None and root is None and source != params.data.source:
             data = dataclasses.replace(data, root=None)  # data.root belongs to the other source
-        shard = _override(params.shard, out=out, shard_size=shard_size, workers=workers, strict=strict, verify=verify)
+        encode = override(params.shard.encode, verify=verify)
         if resize_short is not None:
-            shard = dataclasses.replace(shard, resize_short=resize_short or None)
-        params = dataclasses.replace(params, data=data, shard=shard, seed=params.seed if seed is None else seed)
-        main(params, splits or tuple(params.data.splits), progress)
+            encode = dataclasses.replace(encode, resize_short=resize_short or None)
+        settings = override(params.shard, shard_size=shard_size, workers=workers, strict=strict, encode=encode)
+        params = dataclasses.replace(params, data=data, shard=settings, seed=params.seed if seed is None else seed,
+                                     outputs=override(params.outputs, shards=out))
+        shard(params, splits or tuple(params.data.splits), progress)
     except (ConfigError, SourceError, ShardError, StrictFailure) as err:
         raise click.ClickException(str(err)) from None
+    except ValueError as err:  # a setting out of range (the schema's own checks)
+        raise click.ClickException(f"shard: {err}") from None
 
 
-def _override(cfg, **values):
+def override(cfg, **values):
+    """`cfg` with the options the user gave (not None) replaced."""
     return dataclasses.replace(cfg, **{k: v for k, v in values.items() if v is not None})

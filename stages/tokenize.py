@@ -6,6 +6,7 @@ shards already complete and verified, so a killed run resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -13,14 +14,15 @@ from typing import Optional
 
 import click
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from pipeline.dask_runner import ClusterConfig, dask_client, run_per_shard, worker_device
+from pipeline.dask_runner import dask_client, run_per_shard, worker_device
 from pipeline.fingerprint import index_fingerprint, json_fingerprint
+from pipeline.shardread import index_file, read_index, shard_keys
 from pipeline.tokenize import tokenize_shard
 from pipeline.tokens import StoreSpec, TokenStoreMismatch, create_or_open, store_path, write_index
-from pipeline.views import View, ViewConfig
+from pipeline.schema import ViewConfig
+from pipeline.views import View
 from stages.config import ConfigError, Params, TokenizeConfig, load_params
 
 _TOKENIZERS: dict = {}  # per worker process: (path, device) -> tokenizer, loaded once
@@ -44,8 +46,7 @@ def _task(s: int, *, shard_dir: str, token_out: str, split: str, fmt: str, spec:
     dev = worker_device(device)
     tok = _tokenizer(tokenizer_path, dev)
     name = spec.shards[s]
-    keys = pq.read_table(Path(shard_dir) / "index.parquet", columns=["key"],
-                         filters=[("shard", "=", name)]).column("key").to_pylist()
+    keys = read_index(shard_dir, ["key"], shard=name)["key"]
 
     @torch.inference_mode()
     def encode(x: torch.Tensor) -> torch.Tensor:
@@ -59,24 +60,22 @@ def _task(s: int, *, shard_dir: str, token_out: str, split: str, fmt: str, spec:
     return {"shard": s, "images": len(out_keys), "seconds": time.perf_counter() - start}
 
 
-def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
-                   cluster: Optional[ClusterConfig] = None, replace_stale: bool = False) -> dict:
-    """Tokenize every shard of `split` not yet done; returns a summary.
+def tokenize(params: Params, split: str, replace_stale: bool = False) -> dict:
+    """Tokenize every shard of `split` not yet done with the tokenizer in
+    outputs.tokenizer.dir, on tokenize.cluster; returns a summary.
 
     An existing store built from other shards/tokenizer/views is an error, or,
     with `replace_stale` (what `dvc repro` uses), deleted and rebuilt."""
     cfg: TokenizeConfig = params.tokenize
-    cluster = cluster or ClusterConfig(workers=cfg.workers, threads_per_worker=cfg.threads_per_worker,
-                                       scheduler=cfg.scheduler, device=cfg.device)
-    shard_dir = Path(params.shard.out) / split
-    index = shard_dir / "index.parquet"
-    if not index.exists():
-        raise ConfigError(f"{index}: missing; run `beit shard` first")
-    table = pq.read_table(index, columns=["key", "shard"]).to_pydict()
-    shards = list(dict.fromkeys(table["shard"]))
-    keys_by_shard: dict[str, list[str]] = {s: [] for s in shards}
-    for key, shard in zip(table["key"], table["shard"]):
-        keys_by_shard[shard].append(key)
+    cluster, out = cfg.cluster, params.outputs.tokens
+    tokenizer_path = params.outputs.tokenizer.dir
+    if not Path(tokenizer_path, "tokenizer.json").exists():
+        raise ConfigError(f"{tokenizer_path}: no tokenizer; run `beit train-tokenizer` or `beit convert-dalle` "
+                          "(or point outputs.tokenizer.dir / --tokenizer at one)")
+    shard_dir = Path(params.outputs.shards) / split
+    index = index_file(shard_dir)
+    keys_by_shard = shard_keys(read_index(index, ["key", "shard"]))
+    shards = list(keys_by_shard)
 
     tok = _tokenizer(str(tokenizer_path), "cpu")  # metadata only; workers load their own copy
     if tok.vocab_size > np.iinfo(np.uint16).max + 1:
@@ -88,14 +87,14 @@ def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
                       "views": json_fingerprint({"seed": params.seed, "views": params.views,
                                                  "input_size": tok.input_size})})
     try:
-        store = create_or_open(cfg.out, split, cfg.format, spec)
+        store = create_or_open(out, split, cfg.format, spec)
     except TokenStoreMismatch as err:
         if not replace_stale:
             raise
-        stale = store_path(cfg.out, split, cfg.format)
+        stale = store_path(out, split, cfg.format)
         click.echo(f"{err}\n-> replacing it (--replace-stale)")
         shutil.rmtree(stale)
-        store = create_or_open(cfg.out, split, cfg.format, spec)
+        store = create_or_open(out, split, cfg.format, spec)
     done = store.done()
     todo = [s for s in range(len(shards)) if s not in done]
     start = time.perf_counter()
@@ -104,40 +103,41 @@ def tokenize_split(params: Params, split: str, tokenizer_path: str | Path,
             run_per_shard(
                 client, _task, todo, cfg=cluster,
                 images_per_shard={s: spec.counts[s] for s in todo}, desc=f"tokenize {split}",
-                shard_dir=str(shard_dir), token_out=cfg.out, split=split, fmt=cfg.format, spec=spec,
+                shard_dir=str(shard_dir), token_out=out, split=split, fmt=cfg.format, spec=spec,
                 tokenizer_path=str(tokenizer_path), view_cfg=params.views, seed=params.seed,
-                batch_size=cfg.batch_size, device=cfg.device, threads=cluster.threads_per_worker)
+                batch_size=cfg.batch_size, device=cluster.device, threads=cluster.threads_per_worker)
     seconds = time.perf_counter() - start
-    write_index(Path(cfg.out) / f"{split}.index.parquet", spec, [keys_by_shard[s] for s in shards])
+    write_index(Path(out) / f"{split}.index.parquet", spec, [keys_by_shard[s] for s in shards])
     images = sum(spec.counts[s] for s in todo)
     return {"split": split, "shards": len(shards), "skipped_done": len(done),
             "images": images, "views": cfg.views, "seconds": round(seconds, 2),
             "image_views_per_s": round(images * cfg.views / seconds, 1) if seconds > 0 else None,
-            "store": str(store_path(cfg.out, split, cfg.format))}
+            "store": str(store_path(out, split, cfg.format))}
 
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--split", "splits", multiple=True, help="Split(s) to tokenize [default: data.splits].")
-@click.option("--tokenizer", "tokenizer_path", default="models/tokenizer", show_default=True,
-              help="Folder with the tokenizer's safetensors + JSON config.")
-@click.option("--workers", type=int, help="Override tokenize.workers.")
-@click.option("--scheduler", help="Override tokenize.scheduler (tcp://host:8786).")
+@click.option("--tokenizer", "tokenizer_path", default=None,
+              help="Folder with the tokenizer's safetensors + JSON config [default: outputs.tokenizer.dir].")
+@click.option("--workers", type=int, help="Override tokenize.cluster.workers.")
+@click.option("--scheduler", help="Override tokenize.cluster.scheduler (tcp://host:8786).")
 @click.option("--replace-stale", is_flag=True,
               help="Rebuild a store made from other shards/tokenizer/views instead of failing.")
-def cli(params_path: str, splits: tuple[str, ...], tokenizer_path: str, workers: Optional[int],
+def cli(params_path: str, splits: tuple[str, ...], tokenizer_path: Optional[str], workers: Optional[int],
         scheduler: Optional[str], replace_stale: bool) -> None:
-    """Precompute visual tokens for every image view into data/tokens/<split>.zarr."""
+    """Precompute visual tokens for every image view into <outputs.tokens>/<split>.zarr."""
     try:
         params = load_params(params_path)
-        cfg = params.tokenize
-        cluster = ClusterConfig(workers=workers or cfg.workers, threads_per_worker=cfg.threads_per_worker,
-                                scheduler=scheduler or cfg.scheduler, device=cfg.device)
-        if not Path(tokenizer_path, "tokenizer.json").exists():
-            raise ConfigError(f"{tokenizer_path}: no tokenizer; run `beit train-tokenizer` "
-                              f"or `beit convert-dalle`")
+        cluster = dataclasses.replace(params.tokenize.cluster, **{k: v for k, v in
+                                      {"workers": workers, "scheduler": scheduler}.items() if v is not None})
+        outputs = params.outputs
+        if tokenizer_path is not None:
+            outputs = dataclasses.replace(outputs, tokenizer=dataclasses.replace(outputs.tokenizer, dir=tokenizer_path))
+        params = dataclasses.replace(params, outputs=outputs,
+                                     tokenize=dataclasses.replace(params.tokenize, cluster=cluster))
         for split in splits or params.data.splits:
-            summary = tokenize_split(params, split, tokenizer_path, cluster, replace_stale)
+            summary = tokenize(params, split, replace_stale)
             click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
-    except (ConfigError, TokenStoreMismatch) as err:
+    except (ConfigError, TokenStoreMismatch, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None

@@ -1,4 +1,4 @@
-"""`beit train-tokenizer`: the visual tokenizer every later stage reads from `tokenizer.out`.
+"""`beit train-tokenizer`: the visual tokenizer every later stage reads from `outputs.tokenizer.dir`.
 
 kind dvae (default): train our discrete VAE (model/dvae.py) on the train shards,
 through the same augmented views as BEiT (params `views`), then score it on the
@@ -6,8 +6,9 @@ eval split: hard-code recon MSE, codebook usage (% of codes used) and perplexity
 kind dalle: adopt a DALL-E tokenizer that `beit convert-dalle` wrote (no training):
 validate it, copy it, and score it the same way (recon only with a decoder).
 
-Outputs are replaced whole: the tokenizer directory is built beside `out` and
-swapped in by rename; metrics, curve and pictures are each written atomically.
+Outputs are replaced whole: the tokenizer directory is built beside its final name
+and swapped in by rename (pipeline/atomic.py); metrics, curve and pictures are each
+written atomically.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -26,12 +26,16 @@ import click
 import torch
 from tqdm import tqdm
 
-from model.dvae import DVAE, evaluate_dvae, save_recon_grid, train_dvae
+from model.dvae import DVAE
+from model.dvae_train import evaluate_dvae, train_dvae
 from model.tokenizer import CONFIG_NAME, Tokenizer, load_tokenizer, save_tokenizer
-from pipeline.classify import ClassifyDataset, eval_batches, open_labelled
-from pipeline.loader import LoaderConfig
+from pipeline.atomic import atomic_dir, atomic_write
+from pipeline.classify import ClassifyDataset, open_labelled
+from pipeline.schema import LoaderConfig
+from pipeline.stream import batches, eval_batches
 from stages.config import ConfigError, Params, load_params
-from stages.metrics import TsvLog, plot_curves, write_json
+from stages.figures import plot_curves, save_recon_grid
+from stages.metrics import tsv_text, write_json
 
 COLUMNS = ["step", "loss", "mse", "kl", "entropy_deficit", "codes_in_batch", "restarted",
            "lr", "temperature", "kl_weight", "img_per_s"]
@@ -51,36 +55,31 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _loader_cfg(params: Params, image_size: int) -> LoaderConfig:
+def pixel_loader(params: Params) -> LoaderConfig:
     # mean 0 / std 1: the tokenizers take pixels in [0,1], not the ViT's normalised ones.
-    cfg = params.tokenizer
-    return LoaderConfig(batch_size=cfg.batch_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                        image_size=image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return dataclasses.replace(params.tokenizer.loader, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 def train_batches(params: Params, image_size: int) -> Iterator[torch.Tensor]:
     """Endless float [B,3,S,S] batches in [0,1]: a fresh random view per (seed, epoch, image)."""
-    lcfg = _loader_cfg(params, image_size)
-    data = ClassifyDataset(open_labelled(Path(params.shard.out) / params.data.train_split), lcfg,
-                           params.seed, train=True, views=params.views)
+    cfg, lcfg = params.tokenizer, pixel_loader(params)
+    data = ClassifyDataset(open_labelled(Path(params.outputs.shards) / params.data.train_split), lcfg,
+                           image_size, params.seed, train=True, views=params.views)
     for epoch in itertools.count():
-        data.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=lcfg.batch_size, num_workers=lcfg.num_workers,
-                                             drop_last=True)
         empty = True
-        for batch in loader:
+        for batch in batches(data, cfg.batch_size, lcfg.num_workers, epoch):
             empty = False
             yield batch["image"]
         if empty:
-            raise ConfigError(f"tokenizer.batch_size={lcfg.batch_size} is larger than the train split")
+            raise ConfigError(f"tokenizer.batch_size={cfg.batch_size} is larger than the train split")
 
 
 def heldout_batches(params: Params, image_size: int) -> Callable[[], Iterator[torch.Tensor]]:
     """The eval split's whole images (identity view), at most tokenizer.eval_samples; re-iterable."""
-    lcfg = _loader_cfg(params, image_size)
-    data = ClassifyDataset(open_labelled(Path(params.shard.out) / params.data.eval_split), lcfg,
-                           params.seed, train=False)
-    return lambda: (b["image"] for b in eval_batches(data, lcfg, params.tokenizer.eval_samples))
+    cfg, lcfg = params.tokenizer, pixel_loader(params)
+    data = ClassifyDataset(open_labelled(Path(params.outputs.shards) / params.data.eval_split), lcfg,
+                           image_size, params.seed, train=False)
+    return lambda: (b["image"] for b in eval_batches(data, cfg.batch_size, lcfg.num_workers, cfg.eval_samples))
 
 
 def _token_picture(ids: torch.Tensor, vocab: int, size: int) -> torch.Tensor:
@@ -106,23 +105,6 @@ def score(tok: Tokenizer, params: Params) -> tuple[dict, torch.Tensor, torch.Ten
     return metrics, first, recon
 
 
-def _swap_in(build: Callable[[Path], None], out: Path) -> None:
-    """Build a directory beside `out`, then replace `out` by rename: readers see the old or
-    the new tokenizer, never a mix."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the tokenizer is meant to be shared
-    old = out.parent / f"{tmp.name}.old"
-    try:
-        build(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def adopt_dalle(path: str | Path, out: Path) -> Tokenizer:
     """Validate a `beit convert-dalle` directory and copy its files into `out`."""
     src = Path(path)
@@ -136,13 +118,11 @@ def adopt_dalle(path: str | Path, out: Path) -> Tokenizer:
     if tok.kind != "dalle":
         raise TokenizerError(f"tokenizer.dalle_path={src}: holds a {tok.kind!r} tokenizer, not a converted DALL-E one")
 
-    def build(tmp: Path) -> None:
+    with atomic_dir(out) as tmp:  # readers see the old or the new tokenizer, never a mix
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         load_tokenizer(tmp)  # the copy verifies too (fingerprint over the copied bytes)
-
-    _swap_in(build, out)
     return load_tokenizer(out)
 
 
@@ -159,7 +139,7 @@ def train_own(params: Params, device: torch.device, progress: bool) -> tuple[DVA
     model = DVAE(cfg.model).to(device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(_train_threads(cfg.num_workers))
+        torch.set_num_threads(_train_threads(cfg.loader.num_workers))
     rows: list[dict] = []
     bar = tqdm(total=cfg.steps, unit="step", disable=not progress, smoothing=0.05, desc="dVAE")
     t0 = time.perf_counter()
@@ -184,27 +164,17 @@ def train_own(params: Params, device: torch.device, progress: bool) -> tuple[DVA
     return model, rows
 
 
-def _write_curve(params: Params, rows: list[dict], title: str) -> None:
-    """TSV (DVC plots) + PNG; the TSV is built beside its final name and renamed."""
-    cfg = params.tokenizer
-    curve = Path(cfg.curve)
-    curve.parent.mkdir(parents=True, exist_ok=True)
-    tmp = curve.with_name(f".{curve.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    log = TsvLog(tmp, COLUMNS)
-    for row in rows:
-        log.append(row)
-    os.replace(tmp, curve)
-    figure = Path(cfg.figure)
-    tmp_png = figure.with_name(f".{figure.stem}.tmp.png")
-    plot_curves(curve, tmp_png, ["mse", "codes_in_batch", "temperature"], title)
-    os.replace(tmp_png, figure)
+def write_curve(params: Params, rows: list[dict], title: str) -> None:
+    """TSV (DVC plots) + PNG, each written atomically."""
+    paths = params.outputs.tokenizer
+    atomic_write(paths.curve, tsv_text(COLUMNS, rows))
+    plot_curves(paths.curve, paths.figure, ["mse", "codes_in_batch", "temperature"], title)
 
 
 def train_tokenizer(params: Params, progress: bool = True) -> dict:
-    """The stage: writes tokenizer.out, .metrics, .curve, .figure and .recon; returns the metrics."""
-    cfg = params.tokenizer
-    out = Path(cfg.out)
+    """The stage: writes outputs.tokenizer (dir, metrics, curve, figure, recon); returns the metrics."""
+    cfg, paths = params.tokenizer, params.outputs.tokenizer
+    out = Path(paths.dir)
     t0 = time.perf_counter()
     device = _device(cfg.device)
     if cfg.kind == "dalle":
@@ -213,7 +183,8 @@ def train_tokenizer(params: Params, progress: bool = True) -> dict:
         title = f"DALL-E tokenizer from {cfg.dalle_path} (not trained here)"
     else:
         model, rows = train_own(params, device, progress)
-        _swap_in(lambda tmp: save_tokenizer(model, cfg.model, tmp), out)
+        with atomic_dir(out) as tmp:
+            save_tokenizer(model, cfg.model, tmp)
         tok = load_tokenizer(out, device)  # score what was written, exactly as downstream stages will read it
         last = rows[-1]
         extra = {"kind": "dvae", "steps": cfg.steps, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -221,12 +192,9 @@ def train_tokenizer(params: Params, progress: bool = True) -> dict:
         title = f"dVAE: {cfg.model.image_size} px -> {tok.grid[0]}x{tok.grid[1]} codes of {tok.vocab_size}"
     metrics, originals, recons = score(tok, params)
     metrics = {**extra, **metrics}
-    _write_curve(params, rows, title)
-    recon = Path(cfg.recon)
-    tmp_png = recon.with_name(f".{recon.stem}.tmp.png")
-    save_recon_grid(originals, recons, tmp_png)
-    os.replace(tmp_png, recon)
-    write_json(cfg.metrics, metrics)
+    write_curve(params, rows, title)
+    save_recon_grid(originals, recons, paths.recon)
+    write_json(paths.metrics, metrics)
     return metrics
 
 
@@ -235,7 +203,7 @@ def train_tokenizer(params: Params, progress: bool = True) -> dict:
 @click.option("--steps", type=int, default=None, help="Override tokenizer.steps (quick trials).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def cli(params_path: str, steps: Optional[int], progress: bool) -> None:
-    """Train the dVAE tokenizer (or adopt a converted DALL-E one) into tokenizer.out."""
+    """Train the dVAE tokenizer (or adopt a converted DALL-E one) into outputs.tokenizer.dir."""
     try:
         params = load_params(params_path)
         if steps is not None:

@@ -10,30 +10,38 @@ from pipeline.synthetic import write_fake_fashion_mnist
 from stages.config import Params, from_dict
 
 
+def merge(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in, nested mappings key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def tiny_params(tmp: Path, **sections) -> Params:
-    """Params for a run entirely inside `tmp` (paths are made absolute)."""
+    """Params for a run entirely inside `tmp` (every output under it); `sections` are
+    merged into params.yaml's values key by key (nested mappings too)."""
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    raw["data"].update(root=str(tmp / "fm"))
-    raw["shard"].update(out=str(tmp / "shards"), shard_size=40, workers=1)
-    raw["tokenize"].update(out=str(tmp / "tokens"), views=3, workers=1, batch_size=50)
-    raw["pretrain"].update(out=str(tmp / "models/pretrain"), runs=str(tmp / "runs"),
-                           metrics=str(tmp / "metrics/pretrain.json"),
-                           curve=str(tmp / "plots/pretrain.tsv"), figure=str(tmp / "plots/pretrain.png"),
-                           batch_size=16, epochs=2, warmup_epochs=0.5, num_workers=0,
-                           shuffle_buffer=50, log_every=1, eval_batches=2)
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            raw[name].update(values)
-        else:
-            raw[name] = values
-    return from_dict(Params, raw)
+    outputs = {"shards": "shards", "tokens": "tokens", "runs": "runs"}
+    for stage, record in raw["outputs"].items():
+        if isinstance(record, dict):
+            outputs[stage] = {k: str(tmp / v) for k, v in record.items()}
+    raw = merge(raw, {
+        "data": {"root": str(tmp / "fm")},
+        "shard": {"shard_size": 40, "workers": 1},
+        "tokenize": {"views": 3, "batch_size": 50, "cluster": {"workers": 1}},
+        "pretrain": {"loop": {"batch_size": 16, "epochs": 2, "warmup_epochs": 0.5, "log_every": 1},
+                     "loader": {"num_workers": 0, "shuffle_buffer": 50}, "eval_batches": 2},
+        "outputs": {k: (str(tmp / v) if isinstance(v, str) else v) for k, v in outputs.items()},
+    })
+    return from_dict(Params, merge(raw, sections))
 
 
 def make_shards(tmp: Path, params: Params, n_train: int = 120, n_test: int = 40) -> None:
-    from stages.shard import main as shard_main
+    from stages.shard import shard
 
     write_fake_fashion_mnist(tmp / "fm", n_train, n_test)
-    shard_main(params, tuple(params.data.splits), progress=False)
+    shard(params, tuple(params.data.splits), progress=False)
 
 
 def fake_encode(x: torch.Tensor, patch: int = 4, levels: int = 64) -> torch.Tensor:
@@ -53,7 +61,7 @@ def fake_tokens(params: Params, split: str, input_size: int = 32, fmt: str = "za
     from pipeline.tokens import StoreSpec, create_or_open
     from pipeline.views import View
 
-    shard_dir = Path(params.shard.out) / split
+    shard_dir = Path(params.outputs.shards) / split
     shards = list(dict.fromkeys(pq.read_table(shard_dir / "index.parquet").column("shard").to_pylist()))
     results = [tokenize_shard(shard_dir / s, fake_encode, input_size, params.views, params.seed,
                               params.tokenize.views) for s in shards]
@@ -62,7 +70,7 @@ def fake_tokens(params: Params, split: str, input_size: int = 32, fmt: str = "za
                      views=params.tokenize.views, grid=(g, g), view_dim=View.K, vocab_size=64,
                      fingerprints={"shards": index_fingerprint(shard_dir / "index.parquet"),
                                    "tokenizer": "fake", "views": json_fingerprint(params.views)})
-    store = create_or_open(params.tokenize.out, split, fmt, spec)
+    store = create_or_open(params.outputs.tokens, split, fmt, spec)
     for s, r in enumerate(results):
         store.write_shard(s, *r)
     return store

@@ -19,9 +19,10 @@ import torch
 import webdataset as wds
 
 from pipeline.fingerprint import stable_hash
-from pipeline.images import decode_rgb
-from pipeline.loader import MIMDataset, StaleTokens, _rank_worker, epoch_shards, image_bytes, shuffle_buffer
 from pipeline.masking import MaskGenerator, default_min_block
+from pipeline.mim import MIMDataset, StaleTokens
+from pipeline.shardread import decode_rgb, image_bytes
+from pipeline.stream import epoch_shards, rank_worker, shuffle_buffer
 from pipeline.tokens import open_tokens
 from pipeline.views import View, apply_view
 
@@ -35,10 +36,11 @@ def ref_mask(gen: MaskGenerator, rng: np.random.Generator) -> np.ndarray:
         mask = np.zeros(n, dtype=bool)
         mask[rng.choice(n, size=num_masked, replace=False)] = True
         return mask.reshape(grid)
-    min_block = default_min_block(grid) if c.min_block is None else c.min_block
-    max_block = num_masked if c.max_block is None else c.max_block
+    b = c.blocks
+    min_block = default_min_block(grid) if b.min_block is None else b.min_block
+    max_block = num_masked if b.max_block is None else b.max_block
     mask = np.zeros(grid, dtype=bool)
-    count = ref_place_blocks(rng, mask, num_masked, min_block, max_block, c.min_aspect, c.tries)
+    count = ref_place_blocks(rng, mask, num_masked, min_block, max_block, b.min_aspect, b.tries)
     if count < num_masked:
         ref_grow(rng, mask, num_masked - count)
     return mask
@@ -135,7 +137,7 @@ class LegacyMIMDataset(MIMDataset):
         view = View.from_array(sample["__views__"][v])
         out = {"label": int(sample["cls"]),
                "tokens": torch.from_numpy(sample["__tokens__"][v].astype(np.int64))}  # [h, w]
-        x = apply_view(image, view, self.cfg.image_size)  # float [3, S, S] in [0, 1]
+        x = apply_view(image, view, self.image_size)  # float [3, S, S] in [0, 1]
         out["image"] = (x - self._mean) / self._std
         if self.masks is not None:
             rng = np.random.default_rng(stable_hash("mask", self.seed, self.epoch, key))
@@ -143,7 +145,7 @@ class LegacyMIMDataset(MIMDataset):
         return out
 
     def __iter__(self) -> Iterator[dict]:
-        rank, world, worker, workers = _rank_worker()
+        rank, world, worker, workers = rank_worker()
         ids = epoch_shards(self.split.shards, self.seed, self.epoch, rank, world, worker, workers)
         urls = [str(self.split.shard_dir / self.split.shards[i]) for i in ids]
         stream = wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from helpers import make_shards, tiny_params
-from model.mixup import MixConfig, mix_batch, smooth_one_hot
-from pipeline.classify import ClassifyDataset, eval_batches, holdout_subset, label_subset, open_labelled
-from pipeline.loader import LoaderConfig, batches, epoch_steps
-from pipeline.views import ViewConfig
+from model.mixup import mix_batch, smooth_one_hot
+from model.schema import MixConfig
+from pipeline.classify import ClassifyDataset, holdout_subset, label_subset, open_labelled
+from pipeline.schema import LoaderConfig, ViewConfig
+from pipeline.stream import batches, epoch_steps, eval_batches
 
 torch.set_num_threads(1)
 
@@ -64,51 +65,50 @@ def shards(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cls")
     params = tiny_params(tmp)
     make_shards(tmp, params, n_train=80, n_test=30)
-    return Path(params.shard.out)
+    return Path(params.outputs.shards)
 
 
-CFG = LoaderConfig(batch_size=8, num_workers=0, shuffle_buffer=20, image_size=32)
+CFG, BS, SIZE = LoaderConfig(num_workers=0, shuffle_buffer=20), 8, 32
 VIEWS = ViewConfig(scale=(0.3, 1.0), brightness=0, contrast=0, saturation=0)
 
 
 def test_subset_counts_feed_epoch_steps(shards):
     split = open_labelled(shards / "train", 0.5, seed=0)
     assert split.num_samples == 40 and split.num_classes <= 10
-    data = ClassifyDataset(split, CFG, seed=0, train=True, views=VIEWS)
-    labels = [int(x) for b in batches(data, CFG, epoch=0) for x in b["label"]]
-    assert len(labels) == epoch_steps(split, CFG, 0, 0, 1) * CFG.batch_size
+    data = ClassifyDataset(split, CFG, SIZE, seed=0, train=True, views=VIEWS)
+    labels = [int(x) for b in batches(data, BS, CFG.num_workers, epoch=0) for x in b["label"]]
+    assert len(labels) == epoch_steps(split, BS, CFG.num_workers, 0, 0, 1) * BS
     seen = [s for s in iter(data)]
     assert len(seen) == 40  # only the kept keys stream through
 
 
 def test_train_views_are_seeded_per_epoch_and_eval_is_fixed(shards):
     split = open_labelled(shards / "train")
-    data = ClassifyDataset(split, CFG, seed=0, train=True, views=VIEWS)
-    a = next(batches(data, CFG, epoch=0))
-    b = next(batches(data, CFG, epoch=0))
-    c = next(batches(data, CFG, epoch=1))
+    data = ClassifyDataset(split, CFG, SIZE, seed=0, train=True, views=VIEWS)
+    a = next(batches(data, BS, CFG.num_workers, epoch=0))
+    b = next(batches(data, BS, CFG.num_workers, epoch=0))
+    c = next(batches(data, BS, CFG.num_workers, epoch=1))
     torch.testing.assert_close(a["image"], b["image"])  # same (seed, epoch): same crops, same order
     assert not torch.equal(a["image"], c["image"])
     assert a["image"].shape == (8, 3, 32, 32)
 
     held = open_labelled(shards / "test")
-    ev = ClassifyDataset(held, CFG, seed=0, train=False)
-    first = torch.cat([x["label"] for x in eval_batches(ev, CFG)])
-    again = torch.cat([x["label"] for x in eval_batches(ev, CFG)])
+    ev = ClassifyDataset(held, CFG, SIZE, seed=0, train=False)
+    first = torch.cat([x["label"] for x in eval_batches(ev, BS, CFG.num_workers)])
+    again = torch.cat([x["label"] for x in eval_batches(ev, BS, CFG.num_workers)])
     assert len(first) == 30 and torch.equal(first, again)  # every sample once, stable order
-    assert sum(len(x["label"]) for x in eval_batches(ev, CFG, limit=13)) == 13
-    two = LoaderConfig(batch_size=8, num_workers=2, image_size=32)
-    assert sorted(torch.cat([x["label"] for x in eval_batches(ev, two)]).tolist()) == sorted(first.tolist())
+    assert sum(len(x["label"]) for x in eval_batches(ev, BS, CFG.num_workers, limit=13)) == 13
+    two = LoaderConfig(num_workers=2)
+    assert sorted(torch.cat([x["label"] for x in eval_batches(ev, BS, two.num_workers)]).tolist()) == sorted(first.tolist())
 
 
 def test_eval_view_is_the_whole_image_resized(shards):
-    from pipeline.images import decode_rgb
-    from pipeline.loader import image_bytes
+    from pipeline.shardread import decode_rgb, image_bytes
     import webdataset as wds
     import torch.nn.functional as F
 
     held = open_labelled(shards / "test")
-    ev = ClassifyDataset(held, CFG, seed=0, train=False)
+    ev = ClassifyDataset(held, CFG, SIZE, seed=0, train=False)
     raw = next(iter(wds.tarfile_to_samples()(iter([{"url": str(held.shard_dir / held.shards[0])}]))))
     img = torch.from_numpy(decode_rgb(image_bytes(raw)).copy()).permute(2, 0, 1).float()[None] / 255  # [1,3,H,W]
     want = F.interpolate(img, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)[0]

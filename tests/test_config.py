@@ -36,7 +36,7 @@ def test_repo_params_load_and_are_frozen():
         ({"data": {"splits": "train"}}, "data.splits: expected a list"),
         ({"shard": {"strict": "yes"}}, "shard.strict='yes': expected true or false"),
         ({"views": {"scale": [0.5]}}, "views.scale: expected 2 values, got 1"),
-        ({"views": {"scale": [0.9, 0.1]}}, "views: view scale=.*need 0 < min <= max"),
+        ({"views": {"scale": [0.9, 0.1]}}, "views.scale=.*need 0 < min <= max"),
         ({"tokenize": {"views": 0}}, "tokenize.views=0: must be >= 1"),
     ],
 )
@@ -52,6 +52,6 @@ def test_missing_file_is_one_line(tmp_path):
 
 
 def test_optional_and_int_to_float(tmp_path):
-    params = load_params(write(tmp_path, {"shard": {"resize_short": 256}, "data": {"root": None}}))
-    assert params.shard.resize_short == 256 and params.data.root is None
+    params = load_params(write(tmp_path, {"shard": {"encode": {"resize_short": 256}}, "data": {"root": None}}))
+    assert params.shard.encode.resize_short == 256 and params.data.root is None
     assert isinstance(load_params(write(tmp_path, {"mask_ratio": 1 / 2})).mask_ratio, float)

@@ -30,15 +30,15 @@ def test_imagenet_base_is_the_paper_recipe(monkeypatch):
     monkeypatch.chdir(REPO)
     p = load_params("configs/imagenet-base.yaml")
     assert (p.model, p.mask_ratio, p.masking, p.target) == ("base", 0.4, "block", "tokens")
-    assert (p.data.source, p.data.image_size, p.shard.resize_short) == ("imagefolder", 224, 256)
+    assert (p.data.source, p.data.image_size, p.shard.encode.resize_short) == ("imagefolder", 224, 256)
     assert p.data.root and (p.data.train_split, p.data.eval_split) == ("train", "val")
-    assert (p.tokenize.views, p.tokenize.device) == (10, "cuda")
+    assert (p.tokenize.views, p.tokenize.cluster.device) == (10, "cuda")
     assert (p.views.scale, p.views.flip_p, p.views.brightness) == ((0.08, 1.0), 0.5, 0.4)
-    t = p.pretrain
-    assert (t.epochs, t.batch_size, t.lr, t.warmup_epochs, t.weight_decay, t.drop_path, t.clip_grad, t.amp) == \
-        (800, 2048, 1.5e-3, 10, 0.05, 0.1, 3.0, "bf16")
+    t, o = p.pretrain.loop, p.pretrain.optim
+    assert (t.epochs, t.batch_size, o.lr, t.warmup_epochs, o.weight_decay, p.pretrain.drop_path, o.clip_grad,
+            o.amp) == (800, 2048, 1.5e-3, 10, 0.05, 0.1, 3.0, "bf16")
     f = p.finetune
-    assert (f.epochs, f.batch_size, f.lr, f.layer_decay, f.label_smoothing, f.mixup, f.cutmix, f.drop_path,
-            f.label_fraction) == (100, 1024, 4e-3, 0.65, 0.1, 0.8, 1.0, 0.1, 1.0)
+    assert (f.loop.epochs, f.loop.batch_size, f.optim.lr, f.optim.layer_decay, f.mix.smoothing, f.mix.mixup_alpha,
+            f.mix.cutmix_alpha, f.drop_path, f.label_fraction) == (100, 1024, 4e-3, 0.65, 0.1, 0.8, 1.0, 0.1, 1.0)
     cfg = create_model(p.model).config  # the 112 px DALL-E grid (112 / 8 = 14) must match the patch grid
     assert cfg.img_size == p.data.image_size and cfg.grid == (112 // 8, 112 // 8)

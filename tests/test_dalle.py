@@ -4,9 +4,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from model.dalle import DalleConfig, DalleDecoder, DalleEncoder, PickleRefused, load_dalle_pickles
+from model.dalle import DalleConfig, DalleDecoder, DalleEncoder
 from model.tokenizer import load_tokenizer
 from stages.cli import main as beit
+from stages.convert_dalle import PickleRefused, load_dalle_pickles
 
 dall_e = pytest.importorskip("dall_e")
 from dall_e.utils import map_pixels as ref_map_pixels  # noqa: E402

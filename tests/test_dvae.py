@@ -5,12 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model.dvae import (
-    DVAE, DVAE_112, DVAEConfig, DVAESchedule, codebook_usage, evaluate_dvae, kmeanspp, perplexity,
-    save_recon_grid,
-    schedule_at, train_dvae,
-)
+from model.dvae import DVAE, DVAE_112, kmeanspp
+from model.dvae_train import codebook_usage, evaluate_dvae, perplexity, schedule_at, train_dvae
+from model.schema import DVAEConfig, DVAESchedule
 from model.tokenizer import load_tokenizer, save_tokenizer
+from stages.figures import save_recon_grid
 
 TINY = DVAEConfig(hidden=16)  # default 32 px -> 8x8 x 1024 codes, narrower so CPU tests take seconds
 

@@ -17,16 +17,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(raw: dict, root: Path) -> dict:
-    raw["data"]["root"] = str(root)
-    raw["shard"].update(shard_size=60, workers=1)
-    raw["tokenizer"].update(steps=6, batch_size=16, num_workers=0, eval_samples=40, log_every=2)
-    raw["tokenize"].update(views=2, workers=1, batch_size=32)
-    raw["pretrain"].update(epochs=1, batch_size=16, num_workers=0, shuffle_buffer=20,
-                           log_every=2, eval_batches=1, checkpoint_every=4)
-    raw["finetune"].update(epochs=1, batch_size=16, num_workers=0, shuffle_buffer=20,
-                           label_fraction=0.5, eval_samples=20, log_every=2)
-    raw["probe"].update(batch_size=32, num_workers=0, epochs=2, train_fraction=1.0)
-    return raw
+    from helpers import merge
+
+    return merge(raw, {
+        "data": {"root": str(root)},
+        "shard": {"shard_size": 60, "workers": 1},
+        "tokenizer": {"steps": 6, "batch_size": 16, "loader": {"num_workers": 0}, "eval_samples": 40,
+                      "log_every": 2},
+        "tokenize": {"views": 2, "batch_size": 32, "cluster": {"workers": 1}},
+        "pretrain": {"loop": {"epochs": 1, "batch_size": 16, "log_every": 2, "checkpoint_every": 4},
+                     "loader": {"num_workers": 0, "shuffle_buffer": 20}, "eval_batches": 1},
+        "finetune": {"loop": {"epochs": 1, "batch_size": 16, "log_every": 2},
+                     "loader": {"num_workers": 0, "shuffle_buffer": 20}, "label_fraction": 0.5,
+                     "eval_samples": 20},
+        "probe": {"batch_size": 32, "num_workers": 0, "epochs": 2, "train_fraction": 1.0},
+    })
 
 
 @pytest.fixture(scope="module")

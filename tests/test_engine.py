@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from model.beit import create_model
-from model.engine import Dist, OptimConfig, Stepper
+from model.engine import Dist, Stepper
+from model.schema import OptimConfig
 
 
 def batch(seed=0, n=4):

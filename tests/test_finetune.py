@@ -13,18 +13,20 @@ from model.beit import create_model
 from model.checkpoints import save_checkpoint
 from model.classifier import load_classifier
 from model.optim import param_groups
-from stages.finetune import build_classifier, train_classifier
+from stages.finetune import build_classifier, finetune
 
 torch.set_num_threads(1)
 
-FT = dict(epochs=2, batch_size=16, label_fraction=0.5, num_workers=0, shuffle_buffer=50,
-          eval_samples=10, checkpoint_every=1000, log_every=1, warmup_epochs=0.5)
+FT = dict(label_fraction=0.5, eval_samples=10, loader={"num_workers": 0, "shuffle_buffer": 50},
+          loop={"epochs": 2, "batch_size": 16, "checkpoint_every": 1000, "log_every": 1, "warmup_epochs": 0.5})
 
 
-def params_for(tmp: Path, name: str, **over):
-    return tiny_params(tmp, finetune={**FT, "out": str(tmp / name / "model"),
-                                      "scratch_out": str(tmp / name / "scratch"),
-                                      "runs": str(tmp / name / "runs"), **over})
+def params_for(tmp: Path, name: str, runs=None, **over):
+    outputs = {"runs": runs or str(tmp / name / "runs"),
+               "finetune": {"dir": str(tmp / name / "model"), "metrics": "metrics/finetune.json",
+                            "curve": "plots/finetune.tsv", "figure": "plots/finetune.png"},
+               "scratch": {"dir": str(tmp / name / "scratch")}}
+    return tiny_params(tmp, finetune={**FT, **over}, outputs=outputs)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def world(tmp_path_factory):
     make_shards(tmp, params, n_train=120, n_test=40)
     torch.manual_seed(1)
     mim = create_model(params.model)  # a stand-in "pretrained" encoder (other seed than scratch)
-    save_checkpoint(params.pretrain.out, mim.state_dict(),
+    save_checkpoint(params.outputs.pretrain.dir, mim.state_dict(),
                     {"model": params.model, **dataclasses.asdict(mim.config)})
     return tmp
 
@@ -47,7 +49,7 @@ def uninterrupted(world):
     try:
         import os
         os.chdir(world / "full")
-        metrics = train_classifier(params, scratch=False)
+        metrics = finetune(params)
     finally:
         os.chdir(cwd)
     return params, metrics
@@ -62,7 +64,7 @@ def test_finetune_runs_end_to_end_and_writes_metrics(world, uninterrupted):
     assert metrics["train_samples"] == 60 and metrics["init"] == "pretrain"
     assert len(metrics["epoch_top1"]) == 2
     assert (world / "full/plots/finetune.tsv").exists() and (world / "full/plots/finetune.png").exists()
-    model = load_classifier(params.finetune.out)
+    model = load_classifier(params.outputs.finetune.dir)
     assert model.num_classes == 10 and len(model.blocks) == 6
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
@@ -72,12 +74,12 @@ def test_resume_after_stop_equals_uninterrupted(world, uninterrupted, monkeypatc
     params = params_for(world, "resumed")
     (world / "resumed").mkdir()
     monkeypatch.chdir(world / "resumed")
-    assert train_classifier(params, scratch=False, stop_after=3) == {"stopped_at": 3}  # mid epoch 1
-    resumed = train_classifier(params, scratch=False)
+    assert finetune(params, stop_after=3) == {"stopped_at": 3}  # mid epoch 1
+    resumed = finetune(params)
     assert resumed["top1"] == pytest.approx(full["top1"])
     assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-4)
-    a = load_classifier(full_params.finetune.out).state_dict()
-    b = load_classifier(params.finetune.out).state_dict()
+    a = load_classifier(full_params.outputs.finetune.dir).state_dict()
+    b = load_classifier(params.outputs.finetune.dir).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
@@ -87,11 +89,11 @@ def test_validation_scores_a_train_holdout_not_the_test_split(world, uninterrupt
     full_params, full = uninterrupted
     # Same runs dir, but a run of its own (its log must hold holdout scores only); the
     # trajectory is the same as the test-scored run's.
-    params = params_for(world, "val", validation=20, runs=full_params.finetune.runs)
+    params = params_for(world, "val", validation=20, runs=full_params.outputs.runs)
     (world / "val").mkdir()
     monkeypatch.chdir(world / "val")
-    metrics = train_classifier(params, scratch=False)
-    want = open_labelled(Path(params.shard.out) / "train", 0.5, params.seed, holdout=20).num_samples
+    metrics = finetune(params)
+    want = open_labelled(Path(params.outputs.shards) / "train", 0.5, params.seed, holdout=20).num_samples
     assert metrics["eval_samples"] == want and 15 <= want <= 25
     assert metrics["eval_on"] == f"train holdout of {want}" and full["eval_on"] == "test"
     assert metrics["steps"] == full["steps"] and metrics["train_loss"] == pytest.approx(full["train_loss"])
@@ -100,8 +102,8 @@ def test_validation_scores_a_train_holdout_not_the_test_split(world, uninterrupt
 
 def test_finetune_and_scratch_differ_in_init_only(world):
     params = params_for(world, "cmp")
-    ft, ft_fp = build_classifier(params, scratch=False, init=None, classes=10)
-    sc, sc_fp = build_classifier(params, scratch=True, init=None, classes=10)
+    ft, ft_fp = build_classifier(params, "finetune", init=None, classes=10)
+    sc, sc_fp = build_classifier(params, "scratch", init=None, classes=10)
     assert ft_fp.startswith("pretrain-") and sc_fp == "scratch"
     # Same head init; different encoders.
     for k in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"):
@@ -111,18 +113,18 @@ def test_finetune_and_scratch_differ_in_init_only(world):
     # Same recipe: identical parameter groups (names, lr scales, weight decay).
     def summary(m):
         return [(tuple(g["param_names"]), g["lr_scale"], g["weight_decay"])
-                for g in param_groups(m, 0.05, layer_decay=params.finetune.layer_decay)]
+                for g in param_groups(m, 0.05, layer_decay=params.finetune.optim.layer_decay)]
     assert summary(ft) == summary(sc)
     # Same data order: the run fingerprints differ only through the kind and the init.
     from pipeline.classify import open_labelled
     from stages.finetune import run_fingerprint
-    train = open_labelled(Path(params.shard.out) / "train", params.finetune.label_fraction, params.seed)
+    train = open_labelled(Path(params.outputs.shards) / "train", params.finetune.label_fraction, params.seed)
     assert run_fingerprint(params, "scratch", "scratch", train) != run_fingerprint(params, "finetune", ft_fp, train)
 
 
 def test_classifier_layer_decay_covers_every_parameter_once(world):
     params = params_for(world, "groups")
-    model = build_classifier(params, scratch=True, init=None, classes=10)[0]
+    model = build_classifier(params, "scratch", init=None, classes=10)[0]
     groups = param_groups(model, 0.05, layer_decay=0.65)
     names = [n for g in groups for n in g["param_names"]]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())

@@ -14,9 +14,12 @@ import torch
 import webdataset as wds
 
 from helpers import fake_tokens, make_shards, tiny_params
-from pipeline.loader import LoaderConfig, MIMDataset, batches, open_split, view_of
-from pipeline.masking import MaskGenerator, MaskingConfig
-from pipeline.tarread import tar_samples
+from pipeline.masking import MaskGenerator
+from pipeline.schema import MaskingConfig
+from pipeline.mim import MIMDataset, open_split, view_of
+from pipeline.schema import BlockShape, LoaderConfig
+from pipeline.shardread import tar_samples
+from pipeline.stream import batches
 from pipeline.tarwriter import TarWriter
 from pipeline.tokens import store_path
 from pipeline.views import View
@@ -116,8 +119,8 @@ def test_webdataset_still_reads_our_shards(world):
 def test_block_masks_equal_the_reference(grid):
     n = 0
     for ratio in (0.01, 0.1, 0.4, 0.75, 0.99):
-        for extra in ({}, {"min_block": 1}, {"min_block": 4, "max_block": 30}, {"min_aspect": 0.9},
-                      {"tries": 1}, {"kind": "random"}):
+        for extra in ({}, {"blocks": BlockShape(min_block=1)}, {"blocks": BlockShape(min_block=4, max_block=30)},
+                      {"blocks": BlockShape(min_aspect=0.9)}, {"blocks": BlockShape(tries=1)}, {"kind": "random"}):
             try:
                 gen = MaskGenerator(grid, MaskingConfig(mask_ratio=ratio, **extra))
             except ValueError:
@@ -153,14 +156,14 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["block", "random"])
 def test_batches_equal_the_legacy_loader(world, kind):
     _, params, split = world
-    cfg = LoaderConfig(batch_size=16, num_workers=0, shuffle_buffer=50, image_size=32)
+    cfg, bs = LoaderConfig(num_workers=0, shuffle_buffer=50), 16
     masks = MaskGenerator((8, 8), MaskingConfig(kind=kind, mask_ratio=0.4))
     for epoch in (0, 1):
-        want = list(batches(LegacyMIMDataset(split, cfg, masks, params.seed), cfg, epoch))
+        want = list(batches(LegacyMIMDataset(split, cfg, 32, masks, params.seed), bs, cfg.num_workers, epoch))
         for chunk in (1, 7, 32):
-            fast = MIMDataset(split, cfg, masks, params.seed)
+            fast = MIMDataset(split, cfg, 32, masks, params.seed)
             fast.render_chunk = chunk
-            got = list(batches(fast, cfg, epoch))
+            got = list(batches(fast, bs, cfg.num_workers, epoch))
             assert len(got) == len(want) > 0
             for x, y in zip(got, want):
                 assert list(x) == list(y)
@@ -168,8 +171,8 @@ def test_batches_equal_the_legacy_loader(world, kind):
                     assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (epoch, chunk, k)
     # and per sample, without masks, in a DataLoader worker process
     cfg1 = dataclasses.replace(cfg, num_workers=1)
-    a = list(batches(MIMDataset(split, cfg1, None, params.seed), cfg1, 0))
-    b = list(batches(LegacyMIMDataset(split, cfg1, None, params.seed), cfg1, 0))
+    a = list(batches(MIMDataset(split, cfg1, 32, None, params.seed), bs, cfg1.num_workers, 0))
+    b = list(batches(LegacyMIMDataset(split, cfg1, 32, None, params.seed), bs, cfg1.num_workers, 0))
     assert len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
     assert "mask" not in a[0]
 

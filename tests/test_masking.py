@@ -6,11 +6,11 @@ import pytest
 
 from pipeline.masking import (
     MaskGenerator,
-    MaskingConfig,
     default_min_block,
     make_mask,
     num_masked_for,
 )
+from pipeline.schema import BlockShape, MaskingConfig
 
 
 def components(mask: np.ndarray) -> int:
@@ -117,7 +117,7 @@ def test_default_min_block_scales_with_grid_area():
     assert default_min_block((8, 8)) == 5
     assert default_min_block((2, 2)) == 1
     assert MaskGenerator((8, 8)).min_block == 5
-    assert MaskGenerator((8, 8), MaskingConfig(min_block=3)).min_block == 3
+    assert MaskGenerator((8, 8), MaskingConfig(blocks=BlockShape(min_block=3))).min_block == 3
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
@@ -143,14 +143,14 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="max_block=2"):
         make_mask(rng, (8, 8), 10, min_block=5, max_block=2)
     with pytest.raises(ValueError, match="min_aspect="):
-        MaskingConfig(min_aspect=2.0)
+        MaskingConfig(blocks=BlockShape(min_aspect=2.0))
     with pytest.raises(ValueError, match="tries="):
-        MaskingConfig(tries=0)
+        MaskingConfig(blocks=BlockShape(tries=0))
 
 
 def test_max_block_limits_rectangles():
     rng = np.random.default_rng(5)
-    gen = MaskGenerator((14, 14), MaskingConfig(min_block=4, max_block=8, mask_ratio=0.4))
+    gen = MaskGenerator((14, 14), MaskingConfig(mask_ratio=0.4, blocks=BlockShape(min_block=4, max_block=8)))
     blocky = np.mean([components(gen(rng)) for _ in range(50)])
     whole = np.mean([components(MaskGenerator((14, 14))(rng)) for _ in range(50)])
     assert blocky > whole  # smaller blocks -> more pieces, still exact counts below

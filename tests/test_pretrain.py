@@ -24,10 +24,12 @@ def world(tmp_path_factory):
     return tmp, params
 
 
-def with_paths(params, root, **pretrain):
-    return dataclasses.replace(params, pretrain=dataclasses.replace(
-        params.pretrain, out=str(root / "model"), runs=str(root / "runs"),
-        metrics=str(root / "m.json"), curve=str(root / "c.tsv"), figure=str(root / "c.png"), **pretrain))
+def with_paths(params, root):
+    """`params` with every pretrain output under `root`."""
+    record = type(params.outputs.pretrain)(str(root / "model"), str(root / "m.json"), str(root / "c.tsv"),
+                                           str(root / "c.png"))
+    return dataclasses.replace(params, outputs=dataclasses.replace(
+        params.outputs, runs=str(root / "runs"), pretrain=record))
 
 
 def weights(root):
@@ -90,7 +92,8 @@ def _free_port() -> int:
 def _train(rank: int, world: int, port: int, out: str, steps: int = 3) -> None:
     """Each rank trains on its slice of the same global batches (accumulation 2)."""
     from model.beit import create_model
-    from model.engine import OptimConfig, Stepper, setup_distributed, teardown_distributed
+    from model.engine import Stepper, setup_distributed, teardown_distributed
+    from model.schema import OptimConfig
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -46,12 +46,14 @@ def test_linear_probe_learns_separable_features():
 
 
 def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
-    params = tiny_params(tmp_path, probe={"runs": str(tmp_path / "runs"), "num_workers": 0, "batch_size": 32,
-                                          "train_fraction": 0.5, "epochs": 5, "block": 1})
+    params = tiny_params(tmp_path, probe={"num_workers": 0, "batch_size": 32, "train_fraction": 0.5, "epochs": 5,
+                                          "block": 1},
+                         outputs={"runs": str(tmp_path / "runs"), "linear_probe": {"metrics": "metrics/linear_probe.json"},
+                                  "knn": {"metrics": "metrics/knn.json"}})
     make_shards(tmp_path, params, n_train=80, n_test=30)
     torch.manual_seed(0)
     mim = create_model(params.model, depth=2)
-    save_checkpoint(params.pretrain.out, mim.state_dict(), {"model": params.model, **dataclasses.asdict(mim.config)})
+    save_checkpoint(params.outputs.pretrain.dir, mim.state_dict(), {"model": params.model, **dataclasses.asdict(mim.config)})
     monkeypatch.chdir(tmp_path)
     lp = linear_probe(params)
     cache = sorted((tmp_path / "runs").glob("features-*/*.safetensors"))
@@ -71,5 +73,5 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     # train_fraction null: exactly the fine-tuning label subset (same fraction, same seed)
     same = dataclasses.replace(params, probe=dataclasses.replace(params.probe, train_fraction=None),
                                finetune=dataclasses.replace(params.finetune, label_fraction=0.25))
-    want = open_labelled(Path(params.shard.out) / "train", 0.25, params.seed).num_samples
+    want = open_labelled(Path(params.outputs.shards) / "train", 0.25, params.seed).num_samples
     assert want != 40 and linear_probe(same)["train_samples"] == want

@@ -100,8 +100,8 @@ def test_parse_missing_metric_and_params_give_none(params):
 def test_report_all_metrics(tmp_path, params):
     write_metrics(tmp_path, params)
     summary = rep.report(params, exp_json=exp_sample(), root=tmp_path)
-    md = (tmp_path / params.report.out).read_text()
-    png = tmp_path / params.report.figure
+    md = (tmp_path / params.outputs.report.markdown).read_text()
+    png = tmp_path / params.outputs.report.figure
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["experiments"] == 4
     assert summary["metrics_found"] == ["finetune", "knn", "linear_probe", "pretrain", "scratch", "tokenizer"]
@@ -112,9 +112,9 @@ def test_report_all_metrics(tmp_path, params):
     assert table_row(md, "Frozen features | linear probe top-1 (%)")[2] == "62.00"
     assert table_row(md, "Frozen features | kNN top-1 (%)")[2] == "70.00"
     assert table_row(md, "Pretraining | masked-token accuracy, held out (%)")[2:4] == ["31.00",
-                                                                                     f"`{params.pretrain.metrics}`"]
+                                                                                     f"`{params.outputs.pretrain.metrics}`"]
     assert table_row(md, "Pretraining | MIM loss, held out")[2] == "4.5000"
-    assert table_row(md, "Tokenizer | code perplexity")[2:4] == ["301.5000", f"`{params.tokenizer.metrics}`"]
+    assert table_row(md, "Tokenizer | code perplexity")[2:4] == ["301.5000", f"`{params.outputs.tokenizer.metrics}`"]
     assert table_row(md, "Tokenizer | codebook usage (% of codes)")[2] == "50.00"
     assert table_row(md, "Tokenizer | reconstruction MSE")[2] == "0.0123"
     assert "fine-tune − scratch = +5.00 points top-1 (paper: +1.4): **same direction as the paper**" in md
@@ -133,7 +133,7 @@ def test_report_all_metrics(tmp_path, params):
 def test_report_some_missing(tmp_path, params):
     write_metrics(tmp_path, params, names=("pretrain", "finetune"))
     summary = rep.report(params, exp_json=exp_sample("dvc_exp_show_no_exps.json"), root=tmp_path)
-    md = (tmp_path / params.report.out).read_text()
+    md = (tmp_path / params.outputs.report.markdown).read_text()
     assert summary["metrics_found"] == ["finetune", "pretrain"] and summary["experiments"] == 0
     assert table_row(md, "Fine-tuning | fine-tune top-1 (%)")[2] == "85.00"
     assert table_row(md, "Fine-tuning | scratch top-1 (%)")[2] == "not run"
@@ -143,14 +143,14 @@ def test_report_some_missing(tmp_path, params):
     assert table_row(md, "Tokenizer | code perplexity")[2] == "not run"
     assert "needs both `finetune` and `scratch` metrics" in md
     assert "No DVC experiments yet" in md and "| experiment | rev |" not in md
-    assert (tmp_path / params.report.figure).exists()
+    assert (tmp_path / params.outputs.report.figure).exists()
 
 
 def test_report_nothing_run_and_unreadable_json(tmp_path, params):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/finetune.json").write_text("{not json")
     rep.report(params, exp_json=[], root=tmp_path)
-    md = (tmp_path / params.report.out).read_text()
+    md = (tmp_path / params.outputs.report.markdown).read_text()
     assert table_row(md, "Fine-tuning | fine-tune top-1 (%)")[2] == "not run"
 
 
@@ -159,7 +159,7 @@ def test_report_says_when_dvc_is_unavailable(tmp_path, params, monkeypatch):
     monkeypatch.setattr(rep.sys, "executable", str(tmp_path / "nowhere" / "python"))
     assert rep.run_dvc_exp_show() == (None, "dvc is not installed (no `dvc` on PATH)")
     rep.report(params, root=tmp_path)
-    md = (tmp_path / params.report.out).read_text()
+    md = (tmp_path / params.outputs.report.markdown).read_text()
     assert "## DVC experiments" in md and "dvc is not installed" in md
 
 
@@ -171,14 +171,14 @@ def test_report_says_when_dvc_fails(tmp_path, params, monkeypatch):
     monkeypatch.setattr(rep.shutil, "which", lambda name: str(fake))
     rep.report(params, root=tmp_path)
     assert "`dvc exp show --json` failed: ERROR: you are not inside of a DVC repository" in \
-        (tmp_path / params.report.out).read_text()
+        (tmp_path / params.outputs.report.markdown).read_text()
 
 
 def test_metric_paths_follow_params(tmp_path, params):
-    fake = SimpleNamespace(pretrain=SimpleNamespace(metrics="m/pre.json"),
-                           tokenizer=SimpleNamespace(metrics="metrics/tok.json"),
-                           finetune=SimpleNamespace(metrics="f.json", scratch_metrics="s.json"),
-                           probe=SimpleNamespace(linear_metrics="l.json", knn_metrics="k.json"))
+    fake = SimpleNamespace(outputs=SimpleNamespace(
+        pretrain=SimpleNamespace(metrics="m/pre.json"), tokenizer=SimpleNamespace(metrics="metrics/tok.json"),
+        finetune=SimpleNamespace(metrics="f.json"), scratch=SimpleNamespace(metrics="s.json"),
+        linear_probe=SimpleNamespace(metrics="l.json"), knn=SimpleNamespace(metrics="k.json")))
     sources = rep.metric_sources(fake)
     assert sources["tokenizer"] == "metrics/tok.json" and sources["pretrain"] == "m/pre.json"
     assert (sources["finetune"], sources["scratch"], sources["linear_probe"], sources["knn"]) == (
@@ -233,4 +233,4 @@ def test_metric_sources_match_dvc_yaml(params):
     assert {p for p in sources.values() if p} <= set(deps)
     assert "stages/report.py" in deps
     outs = {_resolve(p, raw): opts for e in dvc["report"]["outs"] for p, opts in e.items()}
-    assert outs == {params.report.out: {"cache": False}, params.report.figure: {"cache": False}}
+    assert outs == {params.outputs.report.markdown: {"cache": False}, params.outputs.report.figure: {"cache": False}}

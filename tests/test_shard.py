@@ -20,14 +20,15 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-import pipeline.shards as shards
-from pipeline.images import decode_rgb
-from pipeline.shards import Settings, list_shards, shard_split
+import pipeline.shardwrite as shardwrite
+from pipeline.schema import EncodeConfig, ShardConfig
+from pipeline.shardread import decode_rgb
+from pipeline.shards import list_shards, shard_split
 from pipeline.sources import Entry, ImageFolderSource, SourceError, check_unique, make_source
 from stages.shard import cli
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = Settings(resize_short=None, max_pixels=10_000_000, jpeg_quality=90)
+SETTINGS = EncodeConfig(resize_short=None, max_pixels=10_000_000, jpeg_quality=90)
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -60,9 +61,9 @@ def tars(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
-def run(root, out, **kw):
-    kw = {"seed": 0, "shard_size": 5, "settings": SETTINGS, "progress": False, **kw}
-    return shard_split(ImageFolderSource(root), "train", out, **kw)
+def run(root, out, seed=0, progress=False, **kw):
+    cfg = ShardConfig(**{"shard_size": 5, "workers": 1, "encode": SETTINGS, **kw})
+    return shard_split(ImageFolderSource(root), "train", out, cfg, seed=seed, progress=progress)
 
 
 # ---------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def test_round_trip_fashion_mnist(tmp_path, fashion_mnist_dir):
 
     source = make_source("fashion-mnist", str(fashion_mnist_dir))
     for split, prefix, n in (("train", "train", 30), ("test", "t10k", 12)):
-        summary = shard_split(source, split, tmp_path / "out", seed=1, shard_size=7, settings=SETTINGS, progress=False)
+        summary = shard_split(source, split, tmp_path / "out", ShardConfig(shard_size=7, workers=1, encode=SETTINGS),
+                              seed=1, progress=False)
         assert summary.written == n
         images = read_idx(fashion_mnist_dir / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(fashion_mnist_dir / f"{prefix}-labels-idx1-ubyte.gz")
@@ -125,7 +127,7 @@ def test_deterministic_and_independent_of_workers(tmp_path, photo):
 def test_resume_after_exception_keeps_finished_shards(tmp_path, photo, monkeypatch):
     make_folder(tmp_path / "src", photo)
     run(tmp_path / "src", tmp_path / "ref")
-    real, calls = shards.prepare, []
+    real, calls = shardwrite.prepare, []
 
     def dying(*args, **kw):  # dies in the middle of the third shard
         calls.append(1)
@@ -133,10 +135,10 @@ def test_resume_after_exception_keeps_finished_shards(tmp_path, photo, monkeypat
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(shards, "prepare", dying)
+    monkeypatch.setattr(shardwrite, "prepare", dying)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "src", tmp_path / "out")
-    monkeypatch.setattr(shards, "prepare", real)
+    monkeypatch.setattr(shardwrite, "prepare", real)
     out = tmp_path / "out" / "train"
     assert (out / "train-000002.tar.tmp").exists() and not (out / "train-000002.tar").exists()
     assert not (out / "index.parquet").exists()
@@ -154,7 +156,7 @@ def test_resume_after_sigkill(tmp_path, photo):
     make_folder(tmp_path / "src", photo, per_class=8)
     run(tmp_path / "src", tmp_path / "ref", shard_size=2)
     script = textwrap.dedent(f"""
-        import time, pipeline.shards as s
+        import time, pipeline.shardwrite as s
         from tests.test_shard import run
         real = s.prepare
         s.prepare = lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1]  # slow enough to be killed mid-run
@@ -215,7 +217,7 @@ def make_messy_folder(root: Path, photo) -> None:
 
 def write_params(path: Path, **shard) -> Path:
     params = {"data": {"source": "imagefolder", "splits": ["train"]},
-              "shard": {"shard_size": 4, "workers": 1, "max_pixels": 10000, **shard}}
+              "shard": {"shard_size": 4, "workers": 1, "encode": {"max_pixels": 10000}, **shard}}
     path.write_text(json.dumps(params))  # JSON is YAML
     return path
 
@@ -309,10 +311,10 @@ def test_failed_publish_surfaces_and_leaves_shard_incomplete(tmp_path, photo, mo
             raise OSError(5, "Input/output error")
         return real(fd)
 
-    monkeypatch.setattr(shards.os, "fsync", failing)
+    monkeypatch.setattr(shardwrite.os, "fsync", failing)
     with pytest.raises(OSError, match="Input/output"):
         run(tmp_path / "src", tmp_path / "out")
-    monkeypatch.setattr(shards.os, "fsync", real)
+    monkeypatch.setattr(shardwrite.os, "fsync", real)
     out = tmp_path / "out" / "train"
     assert (out / "train-000000.stats.json").exists() and (out / "train-000000.tar").exists()
     assert not (out / "train-000001.stats.json").exists() and not (out / "index.parquet").exists()

@@ -1,4 +1,4 @@
-"""pipeline/images.py: the RGB normaliser used by `beit shard`, and decode_rgb."""
+"""pipeline/prepare.py: the RGB normaliser used by `beit shard`, and pipeline/shardread.py's decode_rgb."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,8 @@ import pytest
 import simplejpeg
 from PIL import Image, ImageOps
 
-from pipeline.images import Rejected, decode_rgb, jpeg_orientation, prepare, target_size
+from pipeline.prepare import Rejected, jpeg_orientation, prepare, target_size
+from pipeline.shardread import decode_rgb
 
 OPTS = dict(resize_short=None, max_pixels=10_000_000, jpeg_quality=90)
 
@@ -163,7 +164,7 @@ def test_resize_writes_hwc_directly_same_pixels_as_interpolate():
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
-    from pipeline.images import resize_rgb
+    from pipeline.prepare import resize_rgb
 
     rng = np.random.default_rng(0)
     for h, w, th, tw in ((375, 500, 256, 341), (1, 50, 1, 20), (61, 7, 30, 4)):

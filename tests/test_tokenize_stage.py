@@ -10,11 +10,12 @@ import zarr
 from click.testing import CliRunner
 
 from helpers import make_shards, tiny_params
-from model.dvae import DVAE, DVAEConfig
+from model.dvae import DVAE
+from model.schema import DVAEConfig
 from model.tokenizer import load_tokenizer, save_tokenizer
-from pipeline.loader import open_split
+from pipeline.mim import open_split
 from pipeline.tokens import TokenStoreMismatch, open_tokens, store_path
-from stages.tokenize import tokenize_split
+from stages.tokenize import tokenize
 
 
 def make_tokenizer(path, seed=0):
@@ -32,8 +33,14 @@ def setup(tmp_path_factory):
     return tmp, params
 
 
-def with_out(params, out, **kw):
-    return dataclasses.replace(params, tokenize=dataclasses.replace(params.tokenize, out=str(out), **kw))
+def with_out(params, out, tokenizer, workers=None, **kw):
+    """`params` writing tokens to `out` with the tokenizer in folder `tokenizer`."""
+    tokenize = dataclasses.replace(params.tokenize, **kw)
+    if workers is not None:
+        tokenize = dataclasses.replace(tokenize, cluster=dataclasses.replace(tokenize.cluster, workers=workers))
+    outputs = dataclasses.replace(params.outputs, tokens=str(out),
+                                  tokenizer=dataclasses.replace(params.outputs.tokenizer, dir=str(tokenizer)))
+    return dataclasses.replace(params, tokenize=tokenize, outputs=outputs)
 
 
 def arrays(path):
@@ -43,12 +50,12 @@ def arrays(path):
 
 def test_in_process_one_and_two_dask_workers_give_identical_stores(setup):
     tmp, params = setup
-    zero = with_out(params, tmp / "w0", workers=0)
-    one = with_out(params, tmp / "w1", workers=1)
-    two = with_out(params, tmp / "w2", workers=2)
-    tokenize_split(zero, "train", tmp / "tok")
-    s1 = tokenize_split(one, "train", tmp / "tok")
-    s2 = tokenize_split(two, "train", tmp / "tok")
+    zero = with_out(params, tmp / "w0", tmp / "tok", workers=0)
+    one = with_out(params, tmp / "w1", tmp / "tok", workers=1)
+    two = with_out(params, tmp / "w2", tmp / "tok", workers=2)
+    tokenize(zero, "train")
+    s1 = tokenize(one, "train")
+    s2 = tokenize(two, "train")
     assert s1["images"] == s2["images"] == 100 and s1["shards"] == 3
     a, b = arrays(store_path(tmp / "w1", "train", "zarr")), arrays(store_path(tmp / "w2", "train", "zarr"))
     c = arrays(store_path(tmp / "w0", "train", "zarr"))
@@ -66,8 +73,8 @@ def test_in_process_one_and_two_dask_workers_give_identical_stores(setup):
 
 def test_resume_redoes_only_unfinished_shards(setup):
     tmp, params = setup
-    p = with_out(params, tmp / "resume", workers=0)
-    tokenize_split(p, "train", tmp / "tok")
+    p = with_out(params, tmp / "resume", tmp / "tok", workers=0)
+    tokenize(p, "train")
     path = store_path(tmp / "resume", "train", "zarr")
     done = arrays(path)
     # A task killed mid-write: its chunk is garbage and its completion mark missing.
@@ -77,7 +84,7 @@ def test_resume_redoes_only_unfinished_shards(setup):
     g["rows"][1:2] = np.array([-1], np.int32)
     chunk0 = path / "tokens" / "c" / "0" / "0" / "0" / "0"
     before = os.stat(chunk0).st_mtime_ns
-    summary = tokenize_split(p, "train", tmp / "tok")
+    summary = tokenize(p, "train")
     assert summary["skipped_done"] == 2 and summary["images"] == 40  # shard 1 only
     after = arrays(path)
     for name in done:
@@ -87,10 +94,10 @@ def test_resume_redoes_only_unfinished_shards(setup):
 
 def test_parquet_format_holds_the_same_rows(setup):
     tmp, params = setup
-    z = with_out(params, tmp / "fmt", workers=0)
-    pq_params = with_out(params, tmp / "fmt", workers=0, format="parquet")
-    tokenize_split(z, "test", tmp / "tok")
-    tokenize_split(pq_params, "test", tmp / "tok")
+    z = with_out(params, tmp / "fmt", tmp / "tok", workers=0)
+    pq_params = with_out(params, tmp / "fmt", tmp / "tok", workers=0, format="parquet")
+    tokenize(z, "test")
+    tokenize(pq_params, "test")
     a, b = open_tokens(store_path(tmp / "fmt", "test", "zarr")), open_tokens(store_path(tmp / "fmt", "test", "parquet"))
     for s in range(len(a.spec.shards)):
         x, y = a.read_shard(s), b.read_shard(s)
@@ -102,12 +109,13 @@ def test_parquet_format_holds_the_same_rows(setup):
 
 def test_changed_tokenizer_is_an_error_or_a_clean_rebuild(setup):
     tmp, params = setup
-    p = with_out(params, tmp / "stale", workers=0)
-    tokenize_split(p, "test", tmp / "tok")
+    p = with_out(params, tmp / "stale", tmp / "tok", workers=0)
+    tokenize(p, "test")
     make_tokenizer(tmp / "tok2", seed=1)
+    p2 = with_out(p, tmp / "stale", tmp / "tok2")
     with pytest.raises(TokenStoreMismatch, match="fingerprints.tokenizer"):
-        tokenize_split(p, "test", tmp / "tok2")
-    tokenize_split(p, "test", tmp / "tok2", replace_stale=True)
+        tokenize(p2, "test")
+    tokenize(p2, "test", replace_stale=True)
     store = open_tokens(store_path(tmp / "stale", "test", "zarr"))
     assert store.spec.fingerprints["tokenizer"] == load_tokenizer(tmp / "tok2").fingerprint
 
@@ -118,3 +126,17 @@ def test_cli_without_tokenizer_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["tokenize", "--tokenizer", str(tmp_path / "none")])
     assert result.exit_code == 1
     assert "no tokenizer; run `beit train-tokenizer`" in result.output
+
+
+def test_cli_reads_the_tokenizer_from_outputs_tokenizer_dir(tmp_path):
+    """Regression: the tokenizer folder was hard-coded to models/tokenizer."""
+    import yaml
+
+    from stages.cli import main
+
+    raw = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "params.yaml")))
+    raw["outputs"]["tokenizer"]["dir"] = str(tmp_path / "elsewhere" / "tok")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["tokenize", "--params", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 1
+    assert str(tmp_path / "elsewhere" / "tok") in result.output and "models/tokenizer" not in result.output

@@ -14,7 +14,8 @@ from PIL import Image
 
 from helpers import make_shards, tiny_params
 from model.dalle import DalleConfig, DalleVAE
-from model.dvae import DVAE, DVAEConfig
+from model.dvae import DVAE
+from model.schema import DVAEConfig
 from model.tokenizer import load_tokenizer, save_tokenizer
 from stages.config import ConfigError
 from stages.train_tokenizer import TokenizerError, cli, train_tokenizer
@@ -22,17 +23,17 @@ from stages.train_tokenizer import TokenizerError, cli, train_tokenizer
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(steps=6, batch_size=16, num_workers=0, shuffle_buffer=50, log_every=2, eval_samples=24,
+FAST = dict(steps=6, batch_size=16, loader={"num_workers": 0, "shuffle_buffer": 50}, log_every=2, eval_samples=24,
             model={"hidden": 8, "vocab_size": 64, "codebook_dim": 8},
             schedule={"restart_every": 2, "restart_until_frac": 1.0})
 
 
 def params_for(tmp: Path, name: str, **over):
     d = tmp / name
-    paths = dict(out=str(d / "models/tokenizer"), metrics=str(d / "metrics/tokenizer.json"),
+    paths = dict(dir=str(d / "models/tokenizer"), metrics=str(d / "metrics/tokenizer.json"),
                  curve=str(d / "plots/tokenizer.tsv"), figure=str(d / "plots/tokenizer.png"),
                  recon=str(d / "plots/tokenizer_recon.png"))
-    return tiny_params(tmp, tokenizer={**FAST, **paths, **over})
+    return tiny_params(tmp, tokenizer={**FAST, **over}, outputs={"tokenizer": paths})
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def world(tmp_path_factory):
 def test_dvae_stage_writes_loadable_tokenizer_metrics_and_pictures(world):
     params = params_for(world, "dvae")
     metrics = train_tokenizer(params, progress=False)
-    cfg = params.tokenizer
-    tok = load_tokenizer(cfg.out)
+    cfg = params.outputs.tokenizer
+    tok = load_tokenizer(cfg.dir)
     assert (tok.kind, tok.grid, tok.vocab_size) == ("dvae", (8, 8), 64)
     assert json.loads(Path(cfg.metrics).read_text()) == json.loads(json.dumps(metrics))
     assert metrics["kind"] == "dvae" and metrics["steps"] == 6 and metrics["train_img_per_s"] > 0
@@ -59,14 +60,14 @@ def test_dvae_stage_writes_loadable_tokenizer_metrics_and_pictures(world):
     assert Image.open(cfg.figure).size[0] > 0
     # 16 held-out images, 8 per row: 2 rows of originals over 2 rows of reconstructions, 34 px tiles.
     assert Image.open(cfg.recon).size == (8 * 34 + 2, 4 * 34 + 2)
-    out = Path(cfg.out)
+    out = Path(cfg.dir)
     assert sorted(p.name for p in out.iterdir()) == ["decoder.safetensors", "encoder.safetensors", "tokenizer.json"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
 def test_dvae_stage_replaces_an_existing_tokenizer_whole(world):
     params = params_for(world, "replace")
-    out = Path(params.tokenizer.out)
+    out = Path(params.outputs.tokenizer.dir)
     save_tokenizer(DalleVAE(DalleConfig(image_size=32, n_hid=8, vocab_size=64)), DalleConfig(image_size=32, n_hid=8, vocab_size=64), out)
     (out / "stray.txt").write_text("left over")
     train_tokenizer(params, progress=False)
@@ -84,7 +85,7 @@ def test_dalle_kind_copies_the_converted_tokenizer_and_scores_it(world, decoder)
     src = _dalle_dir(world / f"converted-{decoder}", decoder)
     params = params_for(world, f"dalle-{decoder}", kind="dalle", dalle_path=str(src))
     metrics = train_tokenizer(params, progress=False)
-    out = Path(params.tokenizer.out)
+    out = Path(params.outputs.tokenizer.dir)
     names = sorted(p.name for p in src.iterdir())
     assert sorted(p.name for p in out.iterdir()) == names
     assert all((out / n).read_bytes() == (src / n).read_bytes() for n in names)
@@ -92,8 +93,8 @@ def test_dalle_kind_copies_the_converted_tokenizer_and_scores_it(world, decoder)
     assert metrics["kind"] == "dalle" and metrics["steps"] == 0 and metrics["grid"] == 4
     assert 0 < metrics["codebook_usage"] <= 1 and metrics["perplexity"] >= 1
     assert ("recon_mse" in metrics) == decoder
-    assert Image.open(params.tokenizer.recon).size == (8 * 34 + 2, 4 * 34 + 2)  # token map when no decoder
-    assert Path(params.tokenizer.curve).read_text().startswith("step\t")
+    assert Image.open(params.outputs.tokenizer.recon).size == (8 * 34 + 2, 4 * 34 + 2)  # token map when no decoder
+    assert Path(params.outputs.tokenizer.curve).read_text().startswith("step\t")
 
 
 def test_dalle_kind_refuses_missing_or_invalid_folders(world):
@@ -114,7 +115,7 @@ def test_dalle_kind_refuses_missing_or_invalid_folders(world):
     with pytest.raises(TokenizerError, match="not a valid tokenizer .*fingerprint mismatch") as err:
         train_tokenizer(params_for(world, "bad", kind="dalle", dalle_path=str(bad)))
     assert "\n" not in str(err.value)
-    assert not Path(params_for(world, "bad").tokenizer.out).exists()  # nothing half-written
+    assert not Path(params_for(world, "bad").outputs.tokenizer.dir).exists()  # nothing half-written
 
 
 def test_cli_refusals_are_one_line(tmp_path):

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
-from pipeline.views import View, ViewConfig, apply_view, apply_views, identity_view, sample_view
+from pipeline.views import View, apply_view, apply_views, identity_view, sample_view
+
+from pipeline.schema import ViewConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ViewConfig()
@@ -140,7 +142,7 @@ def test_views_identical_in_another_process():
     here = np.stack([sample_view(7, k, v, 333, 250, CFG).to_array() for k in keys for v in range(3)])
     code = (
         "import sys, numpy as np\n"
-        "from pipeline.views import ViewConfig, sample_view\n"
+        "from pipeline.schema import ViewConfig\nfrom pipeline.views import sample_view\n"
         f"keys = {keys!r}\n"
         "a = np.stack([sample_view(7, k, v, 333, 250, ViewConfig()).to_array() for k in keys for v in range(3)])\n"
         "sys.stdout.write(a.tobytes().hex())\n"

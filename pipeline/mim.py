@@ -1,35 +1,29 @@
-"""Streaming MIM loader: WebDataset shards + precomputed tokens -> batches.
+"""The MIM dataset: WebDataset shards + precomputed tokens -> masked-image samples.
 
-    shard list -> seeded shard shuffle -> split by rank -> split by worker
-    -> tar samples -> attach tokens (one contiguous read per shard)
-    -> seeded shuffle buffer -> decode + the stored view + mask -> batches
-
-Every stage is a generator (an iterator in, an iterator out). Every random
-choice is a function of (seed, epoch, rank, worker, key), so an epoch's batch
-sequence is reproducible and a resumed run can skip to where it stopped.
+    pipeline/stream.py's prefix (seeded shard shuffle, split by rank and worker, tar samples)
+    -> attach tokens (one contiguous read per shard) -> seeded shuffle buffer
+    -> decode + the stored view + mask
 
 View parity: the sample's view for this epoch is `(epoch + hash(key)) % V`,
 and its parameters are read from the token store (exactly what the tokenize
-stage used), then rendered by the same `apply_view` at the patch resolution.
+stage used), then rendered by the same `apply_views` at the patch resolution.
 """
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.fingerprint import index_fingerprint, stable_hash
-from pipeline.images import decode_rgb
 from pipeline.masking import MaskGenerator
-from pipeline.tarread import image_bytes, tar_samples  # noqa: F401 - image_bytes re-exported
+from pipeline.schema import LoaderConfig
+from pipeline.shardread import decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
+from pipeline.stream import ShardList, epoch_stream
 from pipeline.tokens import open_tokens
 from pipeline.views import View, apply_views
-
 
 
 class StaleTokens(RuntimeError):
@@ -37,66 +31,26 @@ class StaleTokens(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class LoaderConfig:
-    batch_size: int = 128
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    image_size: int = 32
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitData:
+class SplitData(ShardList):
     """A split's shards (in index order) and its token store, checked to match."""
 
-    shard_dir: Path
-    shards: tuple[str, ...]
-    counts: tuple[int, ...]
     token_path: Path
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
 
 
 def open_split(shard_dir: str | Path, token_path: str | Path) -> SplitData:
     """Read the shard index and check the token store was built from these shards."""
     shard_dir = Path(shard_dir)
-    index = shard_dir / "index.parquet"
-    if not index.exists():
-        raise FileNotFoundError(f"{index}: missing; run `beit shard` (or `dvc repro shard`)")
-    shard_col = pq.read_table(index, columns=["shard"]).column("shard").to_pylist()
-    shards = tuple(dict.fromkeys(shard_col))  # first-appearance order == shard order
-    counts = tuple(shard_col.count(s) for s in shards)
+    by_shard = shard_keys(read_index(shard_dir, ["key", "shard"]))
+    shards = tuple(by_shard)
+    counts = tuple(len(keys) for keys in by_shard.values())
     store = open_tokens(token_path)
-    want = index_fingerprint(index)
+    want = index_fingerprint(index_file(shard_dir))
     have = store.spec.fingerprints.get("shards")
     if have != want or tuple(store.spec.shards) != shards:
         raise StaleTokens(
             f"{token_path}: tokens were computed from other shards than {shard_dir} "
             f"(fingerprint {have} != {want}); rerun `beit tokenize` (or `dvc repro`)")
     return SplitData(shard_dir, shards, counts, Path(token_path))
-
-
-# ---------------------------------------------------------------- generator stages
-
-
-def _rank_worker() -> tuple[int, int, int, int]:
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank, world, worker, workers
-
-
-def epoch_shards(shards: tuple[str, ...], seed: int, epoch: int, rank: int, world: int,
-                 worker: int, workers: int) -> list[int]:
-    """Shard indices this (rank, worker) reads in this epoch: a seeded permutation,
-    strided over ranks, then over workers."""
-    order = np.random.default_rng(stable_hash("shards", seed, epoch)).permutation(len(shards))
-    return [int(s) for s in order[rank::world][worker::workers]]
 
 
 def attach_tokens(samples: Iterator[dict], store: Any, shard_names: tuple[str, ...]) -> Iterator[dict]:
@@ -110,9 +64,7 @@ def attach_tokens(samples: Iterator[dict], store: Any, shard_names: tuple[str, .
             name = Path(url).name
             part = store.read_shard(position[name])
             current_url, keys, tokens, views, row = url, part.keys.tolist(), part.tokens, part.views, 0
-        key = sample["__key__"]
-        if "/" in key:
-            key = key.rsplit("/", 1)[1]
+        key = sample_key(sample)
         if row >= len(keys) or keys[row] != key:
             have = keys[row] if row < len(keys) else None
             raise StaleTokens(f"{name}: token row {row} is {have!r} but the tar has "
@@ -120,19 +72,6 @@ def attach_tokens(samples: Iterator[dict], store: Any, shard_names: tuple[str, .
         sample["__tokens__"], sample["__views__"] = tokens[row], views[row]
         row += 1
         yield sample
-
-
-def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < size:
-            buf.append(sample)
-            continue
-        i = rng.randrange(len(buf))
-        buf[i], sample = sample, buf[i]
-        yield sample
-    rng.shuffle(buf)
-    yield from buf
 
 
 def view_of(row: np.ndarray) -> View:
@@ -146,12 +85,13 @@ def view_of(row: np.ndarray) -> View:
 
 
 class MIMDataset(torch.utils.data.IterableDataset):
-    """One epoch of MIM samples for this rank and DataLoader worker; `set_epoch` first."""
+    """One epoch of MIM samples for this rank and DataLoader worker; `set_epoch` first.
+    `image_size`: the side of the rendered views (the model's input)."""
 
-    def __init__(self, split: SplitData, cfg: LoaderConfig, masks: Optional[MaskGenerator],
-                 seed: int):
+    def __init__(self, split: SplitData, cfg: LoaderConfig, image_size: int,
+                 masks: Optional[MaskGenerator], seed: int):
         super().__init__()
-        self.split, self.cfg, self.masks, self.seed = split, cfg, masks, seed
+        self.split, self.cfg, self.image_size, self.masks, self.seed = split, cfg, image_size, masks, seed
         self.epoch = 0
         self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self._std = torch.tensor(cfg.std).view(3, 1, 1)
@@ -159,7 +99,7 @@ class MIMDataset(torch.utils.data.IterableDataset):
         # Measured (bench/pretrain.py): at 32 px chunks of 32 cut decode+augment from
         # ~180 to ~80 us/img (per-call tensor set-up dominates); at 224 px they do not
         # help (2.5 ms/img either way, more memory traffic), so large views go one by one.
-        self.render_chunk = 32 if cfg.image_size <= 64 else 1
+        self.render_chunk = 32 if image_size <= 64 else 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -176,9 +116,7 @@ class MIMDataset(torch.utils.data.IterableDataset):
         images, views, outs, keys = [], [], [], []
         epoch = self.epoch
         for sample in samples:
-            key = sample["__key__"]
-            if "/" in key:
-                key = key.rsplit("/", 1)[1]
+            key = sample_key(sample)
             images.append(decode_rgb(image_bytes(sample)))  # uint8 [H, W, 3]
             tokens = sample["__tokens__"]  # [V, h, w]
             v = (epoch + stable_hash("view", key)) % tokens.shape[0]
@@ -186,7 +124,7 @@ class MIMDataset(torch.utils.data.IterableDataset):
             outs.append({"label": int(sample["cls"]),
                          "tokens": torch.from_numpy(tokens[v].astype(np.int64))})  # [h, w]
             keys.append(key)
-        x = apply_views(images, views, self.cfg.image_size)  # float [B, 3, S, S] in [0, 1]
+        x = apply_views(images, views, self.image_size)  # float [B, 3, S, S] in [0, 1]
         x.sub_(self._mean).div_(self._std)  # in place: same bits as (x - mean) / std
         for out, image, key in zip(outs, x.unbind(0), keys):
             out["image"] = image  # [3, S, S]
@@ -196,45 +134,17 @@ class MIMDataset(torch.utils.data.IterableDataset):
                 out["mask"] = torch.from_numpy(self.masks(rng).reshape(-1))  # bool [h*w]
         return outs
 
+    def _tokens(self, samples: Iterator[dict]) -> Iterator[dict]:
+        return attach_tokens(samples, open_tokens(self.split.token_path), self.split.shards)
+
     def __iter__(self) -> Iterator[dict]:
-        rank, world, worker, workers = _rank_worker()
-        ids = epoch_shards(self.split.shards, self.seed, self.epoch, rank, world, worker, workers)
-        stream = tar_samples(str(self.split.shard_dir / self.split.shards[i]) for i in ids)
-        stream = attach_tokens(stream, open_tokens(self.split.token_path), self.split.shards)
-        rng = random.Random(stable_hash("buffer", self.seed, self.epoch, rank, worker))
+        stream = epoch_stream(self.split, self.seed, self.epoch, train=True, buffer_size=self.cfg.shuffle_buffer,
+                              buffer_salt="buffer", stages=(self._tokens,))
         chunk: list[dict] = []
-        for sample in shuffle_buffer(stream, self.cfg.shuffle_buffer, rng):
+        for sample in stream:
             chunk.append(sample)
             if len(chunk) >= self.render_chunk:
                 yield from self.make_samples(chunk)
                 chunk = []
         if chunk:
             yield from self.make_samples(chunk)
-
-
-def epoch_steps(split: SplitData, cfg: LoaderConfig, seed: int, epoch: int, world: int) -> int:
-    """Batches every rank can deliver this epoch. DDP needs the same number of
-    steps on every rank (or the all-reduce hangs), so the epoch is cut to the
-    poorest rank; its leftover samples come back in other epochs' permutations."""
-    workers = max(1, cfg.num_workers)
-    per_rank = []
-    for rank in range(world):
-        total = 0
-        for worker in range(workers):
-            ids = epoch_shards(split.shards, seed, epoch, rank, world, worker, workers)
-            total += sum(split.counts[i] for i in ids) // cfg.batch_size
-        per_rank.append(total)
-    return min(per_rank)
-
-
-def batches(dataset: MIMDataset, cfg: LoaderConfig, epoch: int, skip: int = 0) -> Iterator[dict]:
-    """This epoch's batches (each worker drops its last partial batch, so every
-    batch has the same shape); `skip` resumes mid-epoch. Stop after
-    `epoch_steps(...)` batches to keep DDP ranks in step."""
-    dataset.set_epoch(epoch)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=True,
-        persistent_workers=False, pin_memory=torch.cuda.is_available())
-    for i, batch in enumerate(loader):
-        if i >= skip:
-            yield batch

@@ -1,9 +1,10 @@
-"""Images: the one decoder (`decode_rgb`) and the shard-time normaliser (`prepare`).
+"""The shard-time image normaliser: `prepare` turns a source image into what a shard stores.
 
 Contract of what the shard stage stores, so that nothing downstream has to
 think about colour modes or orientation:
 
-- Every stored image decodes to 8-bit, 3-channel RGB, upright.
+- Every stored image decodes to 8-bit, 3-channel RGB, upright (through the one
+  decoder, `pipeline.shardread.decode_rgb`, which every reader uses).
 - A valid RGB/YCbCr JPEG that needs no resize and has no EXIF rotation is
   stored as its original bytes, never re-encoded (no generation loss).
 - Everything else is decoded, normalised and encoded once:
@@ -38,8 +39,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.shardread import JPEG_MAGIC, pil_rgb
+
 REASONS = ("empty", "truncated", "not-an-image", "undecodable", "too-many-pixels", "unreadable")
-JPEG_MAGIC = b"\xff\xd8\xff"
 EOI = b"\xff\xd9"
 # Signatures of formats we expect; a file that has one but PIL cannot identify is broken, not "not an image".
 IMAGE_MAGICS = (b"\x89PNG", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
@@ -69,55 +71,6 @@ class Stored:
     orig_height: int
     orientation: int  # EXIF orientation of the source (1 = none)
     reencoded: bool  # False: `data` is the source's own bytes
-
-
-# ---------------------------------------------------------------------------
-# decoding
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode any stored image to uint8 [H, W, 3] RGB.
-
-    JPEG through simplejpeg (libjpeg-turbo, fast), anything else through PIL
-    with the same RGB normalisation as `prepare`. Does not apply EXIF
-    orientation: shards are already upright. Raises ValueError on bad data.
-    """
-    if data[:3] == JPEG_MAGIC:
-        try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
-        except ValueError:
-            pass  # CMYK/YCCK JPEGs: libjpeg-turbo cannot convert them to RGB; PIL can
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return _pil_rgb(im)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {err}") from None
-
-
-def _pil_rgb(im: Image.Image) -> np.ndarray:
-    """A loaded PIL image -> uint8 [H, W, 3] RGB (alpha composited on white)."""
-    mode = im.mode
-    if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(im).astype(np.uint32)  # [H, W]
-        if mode.startswith("I;16") or a.max(initial=0) > 255:
-            a = (a * 255 + 32767) // 65535  # 16-bit range -> 8-bit, rounded
-        a = np.clip(a, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
-    if mode == "F":
-        im = im.convert("L")
-    if mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif mode in ("LA", "La", "PA", "RGBa") or (mode == "L" and "transparency" in im.info):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        a = np.asarray(im)  # [H, W, 4]
-        alpha = a[:, :, 3:4].astype(np.uint16)
-        rgb = (a[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
-        return rgb.astype(np.uint8)
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im)  # [H, W, 3]
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +321,7 @@ def _prepare_pil(data: bytes, resize_short: int | None, max_pixels: int, jpeg_qu
                 raise Rejected("undecodable", f"{fmt}: {type(err).__name__}: {err}") from None
             orientation = im.getexif().get(0x0112, 1)
             orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
-            img = _pil_rgb(im)  # [H, W, 3]
+            img = pil_rgb(im)  # [H, W, 3]
     size = target_size(width, height, resize_short)
     if size:
         img = resize_rgb(img, *size)

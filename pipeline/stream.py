@@ -1,0 +1,138 @@
+"""The generator stages both datasets are built from, in WebDataset's style.
+
+    ShardList -> epoch_shards (this rank's and worker's share) -> tar samples
+    -> dataset stages (attach tokens / keep a subset) -> seeded shuffle buffer (train)
+
+A split is a `ShardList`: its shards in index order with the samples each one
+streams (`counts`). `epoch_shards` is the one rule that deals the shards of an
+epoch to (rank, DataLoader worker): a seeded permutation for training, the
+stored order for evaluation, strided over ranks, then over workers. The
+datasets iterate with it (`epoch_stream`) and `epoch_steps` counts with it, so
+the step plan is always what the datasets deliver.
+
+Every random choice is a function of (seed, epoch, rank, worker, key), so an
+epoch's batch sequence is reproducible and a resumed run can skip to where it
+stopped (`batches(..., skip=)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from pipeline.fingerprint import stable_hash
+from pipeline.shardread import tar_samples
+
+Stage = Callable[[Iterator[dict]], Iterator[dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardList:
+    """A split's shards (in index order) and how many samples each one streams."""
+
+    shard_dir: Path
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def rank_worker() -> tuple[int, int, int, int]:
+    """(rank, world size, DataLoader worker id, workers) of the calling process."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank, world, worker, workers
+
+
+def epoch_shards(shards: tuple[str, ...], seed: int, epoch: int, rank: int, world: int,
+                 worker: int, workers: int, shuffle: bool = True) -> list[int]:
+    """Shard indices this (rank, worker) reads in this epoch: a seeded permutation
+    (shuffle=False: the stored order), strided over ranks, then over workers."""
+    if shuffle:
+        order = np.random.default_rng(stable_hash("shards", seed, epoch)).permutation(len(shards))
+    else:
+        order = np.arange(len(shards))
+    return [int(s) for s in order[rank::world][worker::workers]]
+
+
+def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def epoch_stream(split: ShardList, seed: int, epoch: int, train: bool, buffer_size: int,
+                 buffer_salt: str, stages: Iterable[Stage] = ()) -> Iterator[dict]:
+    """The tar samples of this process's shards, through `stages` in order, then (train)
+    a shuffle buffer seeded by (buffer_salt, seed, epoch, rank, worker)."""
+    rank, world, worker, workers = rank_worker()
+    ids = epoch_shards(split.shards, seed, epoch, rank, world, worker, workers, shuffle=train)
+    stream = tar_samples(str(split.shard_dir / split.shards[i]) for i in ids)
+    for stage in stages:
+        stream = stage(stream)
+    if train:
+        rng = random.Random(stable_hash(buffer_salt, seed, epoch, rank, worker))
+        stream = shuffle_buffer(stream, buffer_size, rng)
+    return stream
+
+
+def epoch_steps(split: ShardList, batch_size: int, num_workers: int, seed: int, epoch: int,
+                world: int) -> int:
+    """Full batches every rank can deliver this (training) epoch. DDP needs the same
+    number of steps on every rank (or the all-reduce hangs), so the epoch is cut to the
+    poorest rank; its leftover samples come back in other epochs' permutations.
+    Each DataLoader worker drops its own last partial batch (see `batches`)."""
+    workers = max(1, num_workers)
+    per_rank = []
+    for rank in range(world):
+        total = 0
+        for worker in range(workers):
+            ids = epoch_shards(split.shards, seed, epoch, rank, world, worker, workers)
+            total += sum(split.counts[i] for i in ids) // batch_size
+        per_rank.append(total)
+    return min(per_rank)
+
+
+def batches(dataset: torch.utils.data.IterableDataset, batch_size: int, num_workers: int,
+            epoch: int, skip: int = 0) -> Iterator[dict]:
+    """This epoch's batches (each worker drops its last partial batch, so every
+    batch has the same shape); `skip` resumes mid-epoch. Stop after
+    `epoch_steps(...)` batches to keep DDP ranks in step."""
+    dataset.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
+        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    for i, batch in enumerate(loader):
+        if i >= skip:
+            yield batch
+
+
+def eval_batches(dataset: torch.utils.data.IterableDataset, batch_size: int, num_workers: int,
+                 limit: Optional[int] = None) -> Iterator[dict]:
+    """Every sample of the split once (no drop_last), at most `limit` samples."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                         num_workers=num_workers, drop_last=False)
+    seen = 0
+    for batch in loader:
+        if limit is not None and seen >= limit:
+            break
+        if limit is not None and seen + len(batch["label"]) > limit:
+            batch = {k: v[: limit - seen] for k, v in batch.items()}
+        seen += len(batch["label"])
+        yield batch
