@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist

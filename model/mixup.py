@@ -5,7 +5,6 @@ is a function of (seed, step) and a resumed run replays it exactly.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np

@@ -8,9 +8,8 @@ whose worker died, which is safe because a task's writes are idempotent.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 

@@ -38,7 +38,7 @@ import bisect
 import dataclasses
 import functools
 import math
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 

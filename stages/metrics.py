@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 from pipeline.atomic import atomic_file, atomic_write
 

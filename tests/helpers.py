@@ -74,3 +74,14 @@ def fake_tokens(params: Params, split: str, input_size: int = 32, fmt: str = "za
     for s, r in enumerate(results):
         store.write_shard(s, *r)
     return store
+
+
+def mim_world(tmp: Path):
+    """(tmp, params, SplitData): tiny shards + fake tokens for the train split, opened for the MIM loader."""
+    from pipeline.mim import open_split
+    from pipeline.tokens import store_path
+
+    params = tiny_params(tmp)
+    make_shards(tmp, params)
+    fake_tokens(params, "train")
+    return tmp, params, open_split(tmp / "shards/train", store_path(tmp / "tokens", "train", "zarr"))

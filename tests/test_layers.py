@@ -1,6 +1,7 @@
 """The import rules of docs/architecture.md, checked on the source (ast), and DVC's code deps.
 
-- layers: stages -> model -> pipeline; nothing imports upward;
+- layers: stages -> model -> pipeline; nothing imports upward, and model takes only
+  pipeline/atomic.py from below;
 - no stage module (a `beit` command) imports another one;
 - no name starting with "_" is imported from another project file;
 - the config schema loads without torch (`beit report --help`, `beit shard --help` too);
@@ -72,6 +73,13 @@ def test_layers_only_import_downward():
         for mod, _ in imports_of(path):
             if LAYERS[mod.split(".")[0]] > layer:
                 bad.append(f"{rel(path)} imports {mod}")
+    assert not bad, bad
+
+
+def test_model_uses_only_the_atomic_helper_from_pipeline():
+    """Networks do not depend on the data plane; they share its one way of publishing files."""
+    bad = [f"{rel(path)} imports {mod}" for path in SOURCES if path.parent.name == "model"
+           for mod, _ in imports_of(path) if mod.startswith("pipeline") and mod != "pipeline.atomic"]
     assert not bad, bad
 
 

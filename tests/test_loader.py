@@ -4,23 +4,17 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import fake_encode, fake_tokens, make_shards, tiny_params
+from helpers import fake_encode, mim_world
 from pipeline.masking import MaskGenerator
-from pipeline.schema import MaskingConfig
 from pipeline.mim import MIMDataset, StaleTokens, open_split
-from pipeline.schema import LoaderConfig
+from pipeline.schema import LoaderConfig, MaskingConfig
 from pipeline.stream import batches, epoch_shards, epoch_steps
 from pipeline.tokens import store_path
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("loader")
-    params = tiny_params(tmp)
-    make_shards(tmp, params)
-    fake_tokens(params, "train")
-    split = open_split(tmp / "shards/train", store_path(tmp / "tokens", "train", "zarr"))
-    return tmp, params, split
+    return mim_world(tmp_path_factory.mktemp("loader"))
 
 
 def dataset(world, workers=0, batch=16):

@@ -13,15 +13,13 @@ import pytest
 import torch
 import webdataset as wds
 
-from helpers import fake_tokens, make_shards, tiny_params
+from helpers import mim_world
 from pipeline.masking import MaskGenerator
-from pipeline.schema import MaskingConfig
-from pipeline.mim import MIMDataset, open_split, view_of
-from pipeline.schema import BlockShape, LoaderConfig
+from pipeline.mim import MIMDataset, view_of
+from pipeline.schema import BlockShape, LoaderConfig, MaskingConfig
 from pipeline.shardread import tar_samples
 from pipeline.stream import batches
 from pipeline.tarwriter import TarWriter
-from pipeline.tokens import store_path
 from pipeline.views import View
 from reference_loader import LegacyMIMDataset, ref_mask
 
@@ -146,11 +144,7 @@ def test_view_of_equals_from_array():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fast")
-    params = tiny_params(tmp)
-    make_shards(tmp, params)
-    fake_tokens(params, "train")
-    return tmp, params, open_split(tmp / "shards/train", store_path(tmp / "tokens", "train", "zarr"))
+    return mim_world(tmp_path_factory.mktemp("fast"))
 
 
 @pytest.mark.parametrize("kind", ["block", "random"])
