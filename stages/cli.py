@@ -6,8 +6,11 @@ stays fast and a stage's heavy imports (torch, dask) cost nothing elsewhere.
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
+
+from stages.errors import DEBUG_ENV
 
 # command name -> "module:attribute" of a click.Command
 COMMANDS = {
@@ -39,12 +42,16 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--debug", is_flag=True, help=f"Show the full traceback of a failure (same as {DEBUG_ENV}=1).")
+def main(debug: bool) -> None:
     """BEiT pipeline: shard -> tokenize -> pretrain -> finetune.
 
     Each command reads params.yaml (override with --params) and does what
-    its DVC stage does; options override single params.
+    its DVC stage does; options override single params. A failure is one
+    line on stderr and exit status 1; --debug shows the traceback.
     """
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m stages.cli <stage> ...

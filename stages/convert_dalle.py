@@ -13,6 +13,8 @@ import pickle
 from pathlib import Path
 
 import click
+
+from stages.errors import one_line_errors
 import torch
 import torch.nn as nn
 
@@ -102,13 +104,11 @@ def convert_dalle(
 @click.option("--trust-pickle", is_flag=True,
               help="Allow unpickling the inputs. Unpickling runs arbitrary code: only for files you trust.")
 @click.option("--image-size", default=112, show_default=True, help="Tokenizer input resolution (grid = size / 8).")
+@one_line_errors
 def cli(paths: tuple[str, ...], trust_pickle: bool, image_size: int) -> None:
     """Convert ENCODER.pkl (and optionally DECODER.pkl) into OUT/ (safetensors + JSON)."""
     if len(paths) not in (2, 3):
         raise click.UsageError("expected ENCODER.pkl [DECODER.pkl] OUT")
     encoder, decoder, out = paths[0], (paths[1] if len(paths) == 3 else None), paths[-1]
-    try:
-        path = convert_dalle(encoder, decoder, out, trust_pickle=trust_pickle, image_size=image_size)
-    except (PickleRefused, FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    path = convert_dalle(encoder, decoder, out, trust_pickle=trust_pickle, image_size=image_size)
     click.echo(f"DALL-E tokenizer written to {path}")

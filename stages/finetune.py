@@ -34,6 +34,7 @@ from pipeline.classify import ClassifyDataset, LabelledSplit, open_labelled
 from pipeline.fingerprint import file_fingerprint, json_fingerprint, stable_hash
 from pipeline.stream import batches, epoch_steps, eval_batches
 from stages.config import ConfigError, Params, load_params
+from stages.errors import one_line_errors
 from stages.figures import plot_curves
 from stages.loop import Task, fit, micro_batch, plan_steps
 from stages.metrics import TsvLog, publish_curve, topk_hits, write_json
@@ -202,11 +203,9 @@ def command(kind: Kind) -> click.Command:
     @click.option("--params", "params_path", default="params.yaml", show_default=True)
     @click.option("--stop-after", type=int, default=None,
                   help="Stop after this many steps with a checkpoint (simulates preemption).")
+    @one_line_errors
     def cli(params_path: str, stop_after: Optional[int], **kw) -> None:
-        try:
-            metrics = train_classifier(load_params(params_path), kind, kw.get("init"), stop_after)
-        except (ConfigError, FileNotFoundError, ValueError) as err:
-            raise click.ClickException(str(err)) from None
+        metrics = train_classifier(load_params(params_path), kind, kw.get("init"), stop_after)
         click.echo(json.dumps(metrics, sort_keys=True))
 
     if kind == "finetune":

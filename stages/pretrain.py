@@ -23,10 +23,11 @@ from model.checkpoints import save_checkpoint
 from model.engine import Dist, Stepper, all_mean, setup_distributed, teardown_distributed
 from pipeline.fingerprint import json_fingerprint
 from pipeline.masking import MaskGenerator
-from pipeline.mim import MIMDataset, StaleTokens, open_split
+from pipeline.mim import MIMDataset, open_split
 from pipeline.stream import batches, epoch_steps
 from pipeline.tokens import open_tokens, store_path
 from stages.config import ConfigError, Params, load_params
+from stages.errors import one_line_errors
 from stages.figures import plot_curves
 from stages.loop import Task, fit, micro_batch, plan_steps
 from stages.metrics import publish_curve, write_json
@@ -139,12 +140,10 @@ def run(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--stop-after", type=int, default=None,
               help="Stop after this many steps with a checkpoint (simulates preemption).")
+@one_line_errors
 def cli(params_path: str, stop_after: Optional[int]) -> None:
     """Pretrain the BEiT encoder with masked image modeling."""
-    try:
-        metrics = pretrain(load_params(params_path), stop_after)
-    except (ConfigError, StaleTokens, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
+    metrics = pretrain(load_params(params_path), stop_after)
     click.echo(json.dumps(metrics, sort_keys=True))
 
 

@@ -38,7 +38,8 @@ from pipeline.classify import ClassifyDataset, LabelledSplit, open_labelled
 from pipeline.fingerprint import file_fingerprint, json_fingerprint
 from pipeline.schema import LoaderConfig
 from pipeline.stream import eval_batches
-from stages.config import ConfigError, Params, load_params
+from stages.config import Params, load_params
+from stages.errors import one_line_errors
 from stages.metrics import topk_hits, write_json
 
 
@@ -194,11 +195,9 @@ def knn(params: Params) -> dict:
 def _cli(fn, name: str, help_text: str):
     @click.command(name=name, help=help_text)
     @click.option("--params", "params_path", default="params.yaml", show_default=True)
+    @one_line_errors
     def command(params_path: str) -> None:
-        try:
-            metrics = fn(load_params(params_path))
-        except (ConfigError, FileNotFoundError, ValueError) as err:
-            raise click.ClickException(str(err)) from None
+        metrics = fn(load_params(params_path))
         click.echo(json.dumps(metrics, sort_keys=True))
 
     return command

@@ -23,9 +23,10 @@ from typing import Any, Optional
 import click
 
 from pipeline.atomic import atomic_file, atomic_write
-from stages.config import ConfigError, Params, load_params
+from stages.config import Params, load_params
 
 # Paper (Bao et al. 2021), ImageNet-1k top-1 after fine-tuning, ViT-B/16 at 224 px.
+from stages.errors import one_line_errors
 PAPER_HEADLINE = {"BEiT-B (800 ep pretraining)": 83.2, "DeiT-B from scratch": 81.8}
 # Paper Table 4 ablation: ViT-B, 300 pretraining epochs; (ImageNet top-1, ADE20K mIoU).
 PAPER_ABLATION = [
@@ -393,14 +394,12 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
               help="Include the `dvc exp show --json` table [default: report.experiments].")
 @click.option("--exp-json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Use this saved `dvc exp show --json` output instead of running dvc.")
+@one_line_errors
 def cli(params_path: str, experiments: Optional[bool], exp_json: Optional[str]) -> None:
     """Write reports/results.md + results.png: this run's metrics beside the paper's."""
-    try:
-        params = load_params(params_path)
-        raw = json.loads(Path(exp_json).read_text()) if exp_json else None
-        summary = report(params, raw, experiments)
-    except (ConfigError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    params = load_params(params_path)
+    raw = json.loads(Path(exp_json).read_text()) if exp_json else None
+    summary = report(params, raw, experiments)
     click.echo(json.dumps(summary, sort_keys=True))
 
 

@@ -10,9 +10,10 @@ from typing import Optional
 
 import click
 
-from pipeline.shards import ShardError, SplitSummary, StrictFailure, shard_split
-from pipeline.sources import SourceError, make_source
-from stages.config import ConfigError, Params, load_params
+from pipeline.shards import SplitSummary, shard_split
+from pipeline.sources import make_source
+from stages.config import Params, load_params
+from stages.errors import one_line_errors
 
 
 def shard(params: Params, splits: tuple[str, ...], progress: bool = True) -> list[SplitSummary]:
@@ -56,28 +57,24 @@ def format_summary(s: SplitSummary, out: str) -> str:
 @click.option("--verify/--no-verify", default=None, help="fully decode pass-through JPEGs (shard.encode.verify)")
 @click.option("--seed", type=int, default=None, help="shuffle seed (seed)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
+@one_line_errors
 def cli(
     params_path: str, source: Optional[str], root: Optional[str], splits: tuple[str, ...], out: Optional[str],
     shard_size: Optional[int], resize_short: Optional[int], workers: Optional[int], strict: Optional[bool],
     verify: Optional[bool], seed: Optional[int], progress: bool,
 ) -> None:
     """Write WebDataset shards of the image source (see params.yaml `data:` and `shard:`)."""
-    try:
-        params = load_params(params_path)
-        data = override(params.data, source=source, root=root)
-        if source is not None and root is None and source != params.data.source:
-            data = dataclasses.replace(data, root=None)  # data.root belongs to the other source
-        encode = override(params.shard.encode, verify=verify)
-        if resize_short is not None:
-            encode = dataclasses.replace(encode, resize_short=resize_short or None)
-        settings = override(params.shard, shard_size=shard_size, workers=workers, strict=strict, encode=encode)
-        params = dataclasses.replace(params, data=data, shard=settings, seed=params.seed if seed is None else seed,
-                                     outputs=override(params.outputs, shards=out))
-        shard(params, splits or tuple(params.data.splits), progress)
-    except (ConfigError, SourceError, ShardError, StrictFailure) as err:
-        raise click.ClickException(str(err)) from None
-    except ValueError as err:  # a setting out of range (the schema's own checks)
-        raise click.ClickException(f"shard: {err}") from None
+    params = load_params(params_path)
+    data = override(params.data, source=source, root=root)
+    if source is not None and root is None and source != params.data.source:
+        data = dataclasses.replace(data, root=None)  # data.root belongs to the other source
+    encode = override(params.shard.encode, verify=verify)
+    if resize_short is not None:
+        encode = dataclasses.replace(encode, resize_short=resize_short or None)
+    settings = override(params.shard, shard_size=shard_size, workers=workers, strict=strict, encode=encode)
+    params = dataclasses.replace(params, data=data, shard=settings, seed=params.seed if seed is None else seed,
+                                 outputs=override(params.outputs, shards=out))
+    shard(params, splits or tuple(params.data.splits), progress)
 
 
 def override(cfg, **values):

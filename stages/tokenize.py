@@ -24,6 +24,7 @@ from pipeline.tokens import StoreSpec, TokenStoreMismatch, create_or_open, store
 from pipeline.schema import ViewConfig
 from pipeline.views import View
 from stages.config import ConfigError, Params, TokenizeConfig, load_params
+from stages.errors import one_line_errors
 
 _TOKENIZERS: dict = {}  # per worker process: (path, device) -> tokenizer, loaded once
 
@@ -124,20 +125,18 @@ def tokenize(params: Params, split: str, replace_stale: bool = False) -> dict:
 @click.option("--scheduler", help="Override tokenize.cluster.scheduler (tcp://host:8786).")
 @click.option("--replace-stale", is_flag=True,
               help="Rebuild a store made from other shards/tokenizer/views instead of failing.")
+@one_line_errors
 def cli(params_path: str, splits: tuple[str, ...], tokenizer_path: Optional[str], workers: Optional[int],
         scheduler: Optional[str], replace_stale: bool) -> None:
     """Precompute visual tokens for every image view into <outputs.tokens>/<split>.zarr."""
-    try:
-        params = load_params(params_path)
-        cluster = dataclasses.replace(params.tokenize.cluster, **{k: v for k, v in
-                                      {"workers": workers, "scheduler": scheduler}.items() if v is not None})
-        outputs = params.outputs
-        if tokenizer_path is not None:
-            outputs = dataclasses.replace(outputs, tokenizer=dataclasses.replace(outputs.tokenizer, dir=tokenizer_path))
-        params = dataclasses.replace(params, outputs=outputs,
-                                     tokenize=dataclasses.replace(params.tokenize, cluster=cluster))
-        for split in splits or params.data.splits:
-            summary = tokenize(params, split, replace_stale)
-            click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
-    except (ConfigError, TokenStoreMismatch, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
+    params = load_params(params_path)
+    cluster = dataclasses.replace(params.tokenize.cluster, **{k: v for k, v in
+                                  {"workers": workers, "scheduler": scheduler}.items() if v is not None})
+    outputs = params.outputs
+    if tokenizer_path is not None:
+        outputs = dataclasses.replace(outputs, tokenizer=dataclasses.replace(outputs.tokenizer, dir=tokenizer_path))
+    params = dataclasses.replace(params, outputs=outputs,
+                                 tokenize=dataclasses.replace(params.tokenize, cluster=cluster))
+    for split in splits or params.data.splits:
+        summary = tokenize(params, split, replace_stale)
+        click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))

@@ -34,6 +34,7 @@ from pipeline.classify import ClassifyDataset, open_labelled
 from pipeline.schema import LoaderConfig
 from pipeline.stream import batches, eval_batches
 from stages.config import ConfigError, Params, load_params
+from stages.errors import one_line_errors
 from stages.figures import plot_curves, save_recon_grid
 from stages.metrics import tsv_text, write_json
 
@@ -202,13 +203,11 @@ def train_tokenizer(params: Params, progress: bool = True) -> dict:
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--steps", type=int, default=None, help="Override tokenizer.steps (quick trials).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@one_line_errors
 def cli(params_path: str, steps: Optional[int], progress: bool) -> None:
     """Train the dVAE tokenizer (or adopt a converted DALL-E one) into outputs.tokenizer.dir."""
-    try:
-        params = load_params(params_path)
-        if steps is not None:
-            params = dataclasses.replace(params, tokenizer=dataclasses.replace(params.tokenizer, steps=steps))
-        metrics = train_tokenizer(params, progress)
-    except (ConfigError, TokenizerError, FileNotFoundError, FloatingPointError) as err:
-        raise click.ClickException(str(err)) from None
+    params = load_params(params_path)
+    if steps is not None:
+        params = dataclasses.replace(params, tokenizer=dataclasses.replace(params.tokenizer, steps=steps))
+    metrics = train_tokenizer(params, progress)
     click.echo(json.dumps(metrics, sort_keys=True))
