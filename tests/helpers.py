@@ -18,9 +18,9 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def tiny_params(tmp: Path, **sections) -> Params:
-    """Params for a run entirely inside `tmp` (every output under it); `sections` are
-    merged into params.yaml's values key by key (nested mappings too)."""
+def tiny_raw(tmp: Path, **sections) -> dict:
+    """params.yaml's values as a dict for a run entirely inside `tmp` (every output under
+    it); `sections` are merged in key by key (nested mappings too)."""
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     outputs = {"shards": "shards", "tokens": "tokens", "runs": "runs"}
     for stage, record in raw["outputs"].items():
@@ -34,7 +34,12 @@ def tiny_params(tmp: Path, **sections) -> Params:
                      "loader": {"num_workers": 0, "shuffle_buffer": 50}, "eval_batches": 2},
         "outputs": {k: (str(tmp / v) if isinstance(v, str) else v) for k, v in outputs.items()},
     })
-    return from_dict(Params, merge(raw, sections))
+    return merge(raw, sections)
+
+
+def tiny_params(tmp: Path, **sections) -> Params:
+    """`tiny_raw`, read into Params."""
+    return from_dict(Params, tiny_raw(tmp, **sections))
 
 
 def make_shards(tmp: Path, params: Params, n_train: int = 120, n_test: int = 40) -> None:
