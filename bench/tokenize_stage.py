@@ -33,6 +33,7 @@ import sys
 import hashlib
 import io
 import itertools
+import json
 import shutil
 import statistics
 import tarfile
@@ -54,7 +55,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.shardread import decode_rgb  # noqa: E402
+from pipeline.shardread import decode_rgb, sidecar_of  # noqa: E402
 from pipeline.tokenize import tar_images, tokenize_shard  # noqa: E402
 from pipeline.tokens import StoreSpec, create_or_open  # noqa: E402
 from pipeline.views import View, apply_views, sample_view  # noqa: E402
@@ -77,9 +78,13 @@ def _write_tar(path: Path, samples: list[tuple[str, str, bytes, int]]) -> None:
 
 
 def _write_index(shard_dir: Path, shards: dict[str, list[tuple[str, str, bytes, int]]]) -> None:
+    """index.parquet, and for each (already written) tar the sidecar its readers check its size against."""
     rows = [{"key": k, "shard": name, "position": i, "label": lab, "sha256": hashlib.sha256(d).hexdigest()}
             for name, samples in shards.items() for i, (k, _, d, lab) in enumerate(samples)]
     pq.write_table(pa.Table.from_pylist(rows), shard_dir / "index.parquet")
+    for name in shards:
+        tar = shard_dir / name
+        sidecar_of(tar).write_text(json.dumps({"shard": name, "tar_bytes": tar.stat().st_size}))
 
 
 def fashion_shards(out: Path, n_shards: int, per_shard: int) -> str:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
 
-from model.checkpoints import load_checkpoint
+from model.checkpoints import CONFIG, UnreadableCheckpoint, WEIGHTS, load_checkpoint, read_json
 
 SHARED_REL_POS = "rel_pos_bias.relative_position_bias_table"  # [(2h-1)(2w-1)+3, heads]
 
@@ -309,12 +309,45 @@ def beit_config_from_dict(raw: dict) -> BeitConfig:
     return BeitConfig(**{k: v for k, v in raw.items() if k in fields})
 
 
-def load_encoder(ckpt_dir: str | Path) -> BeitMIM:
-    """The BeitMIM saved by `beit pretrain` (its config.json holds BeitConfig's fields)."""
-    sd, config = load_checkpoint(ckpt_dir)
+PRETRAIN_FIX = "rerun `beit pretrain`"
+
+
+class EncoderMismatch(ValueError):
+    """A pretrained encoder of another model size or input size than the params ask for."""
+
+
+def check_pretrained(ckpt_dir: str | Path, config: Optional[dict] = None, model: Optional[str] = None,
+                     image_size: Optional[int] = None) -> dict:
+    """The config.json of a `beit pretrain` checkpoint (read unless given), checked against
+    `model` (params.model) and `image_size` (data.image_size) where given: a checkpoint
+    trained as another size, or at another resolution, is an EncoderMismatch naming both."""
+    if config is None:
+        config = read_json(Path(ckpt_dir) / CONFIG, PRETRAIN_FIX)
     if config.get("kind") == "classifier":
         raise ValueError(f"{ckpt_dir}: a fine-tuned classifier, not a pretrained encoder; "
                          "use load_classifier")
-    model = BeitMIM(beit_config_from_dict(config))
-    model.load_state_dict(sd, strict=True)
-    return model
+    have = config.get("model")
+    if model is not None and have is not None and have != model:
+        raise EncoderMismatch(f"{ckpt_dir}: pretrained as model={have} but params.model={model}; "
+                              f"rerun `beit pretrain` with model={model} (or set model: {have})")
+    size = config.get("img_size")
+    if image_size is not None and size is not None and size != image_size:
+        raise EncoderMismatch(f"{ckpt_dir}: pretrained at {size} px but data.image_size={image_size}; "
+                              f"rerun `beit pretrain` at {image_size} px (or set data.image_size: {size})")
+    return config
+
+
+def load_encoder(ckpt_dir: str | Path, model: Optional[str] = None, image_size: Optional[int] = None) -> BeitMIM:
+    """The BeitMIM saved by `beit pretrain` (its config.json holds BeitConfig's fields); with
+    `model` / `image_size`, `check_pretrained` first. A damaged checkpoint is an
+    UnreadableCheckpoint that says to rerun `beit pretrain`."""
+    sd, config = load_checkpoint(ckpt_dir, fix=PRETRAIN_FIX)
+    check_pretrained(ckpt_dir, config, model, image_size)
+    try:
+        encoder = BeitMIM(beit_config_from_dict(config))
+        encoder.load_state_dict(sd, strict=True)
+    except (TypeError, ValueError, RuntimeError) as err:  # config fields / tensor shapes not ours
+        why = " ".join(str(err).split())[:300] or type(err).__name__  # torch's is many lines long
+        raise UnreadableCheckpoint.at(Path(ckpt_dir) / WEIGHTS, f"does not fit its {CONFIG}: {why}",
+                                      PRETRAIN_FIX) from None
+    return encoder

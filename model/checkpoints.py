@@ -8,10 +8,14 @@ Generic: any state dict of tensors and any JSON-serialisable config dict.
   is a moment with no directory, never one with mixed files.
 * Refuses pickles: .pt/.pth/.bin/.pkl files run arbitrary code when loaded.
   Convert those once, explicitly, elsewhere; safetensors cannot execute code.
+* A checkpoint damaged after it was written (truncated copy, disk error) is an
+  `UnreadableCheckpoint` naming the file, why, and the command that rewrites it.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +28,39 @@ from pipeline.atomic import atomic_dir
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+REWRITE = "rerun the stage that wrote it"  # the remedy when the caller does not name the stage
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that is truncated, corrupt or not what its writer writes."""
+
+    @classmethod
+    def at(cls, path: str | Path, why: str, fix: str = REWRITE) -> "UnreadableCheckpoint":
+        err = cls(f"{path}: unreadable checkpoint ({why}); {fix}")
+        err.path, err.why = Path(path), why
+        return err
+
+
+def read_tensors(path: str | Path, fix: str = REWRITE, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged file is an UnreadableCheckpoint (a missing one
+    stays FileNotFoundError)."""
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:  # safetensors' own names no file
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
+    except SafetensorError as err:
+        raise UnreadableCheckpoint.at(path, f"not a valid safetensors file: {err}", fix) from None
+
+
+def read_json(path: str | Path, fix: str = REWRITE) -> dict:
+    """A JSON object from `path`; damaged or not an object: UnreadableCheckpoint."""
+    try:
+        config = json.loads(Path(path).read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise UnreadableCheckpoint.at(path, f"not valid JSON: {err}", fix) from None
+    if not isinstance(config, dict):
+        raise UnreadableCheckpoint.at(path, "top level must be a JSON object", fix)
+    return config
 
 
 def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], config: dict[str, Any]) -> Path:
@@ -53,8 +90,10 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], co
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a directory written by save_checkpoint -> (state_dict, config). Never unpickles."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", fix: str = REWRITE
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a directory written by save_checkpoint -> (state_dict, config). Never unpickles.
+    `fix`: what the error for a damaged file tells the user to do (e.g. "rerun `beit pretrain`")."""
     path = Path(path)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
@@ -69,20 +108,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         if pickles:
             raise ValueError(f"{path}: only pickle files ({', '.join(pickles)}), refusing to load them; "
                              "convert once to safetensors with an explicit, trusted step")
-        raise FileNotFoundError(f"{path}: missing {WEIGHTS}")
+        raise FileNotFoundError(f"{path}: missing {WEIGHTS}; {fix}")
     if not config_file.exists():
-        raise FileNotFoundError(f"{path}: missing {CONFIG}")
-    try:
-        state_dict = load_file(str(weights), device=str(device))
-    except SafetensorError as err:
-        raise ValueError(f"{weights}: not a valid safetensors file ({err})") from None
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file}: top level must be a JSON object")
-    return state_dict, config
+        raise FileNotFoundError(f"{path}: missing {CONFIG}; {fix}")
+    return read_tensors(weights, fix, str(device)), read_json(config_file, fix)
 
 
 def _to_saveable(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

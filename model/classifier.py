@@ -104,7 +104,7 @@ class BeitClassifier(Beit):
 
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:
     """A checkpoint written by `beit finetune` / `beit scratch`."""
-    sd, config = load_checkpoint(ckpt_dir)
+    sd, config = load_checkpoint(ckpt_dir, fix="rerun `beit finetune` (or `beit scratch`, whichever wrote it)")
     if config.get("kind") != "classifier":
         raise ValueError(f"{ckpt_dir}: not a classifier checkpoint (no kind=classifier in config.json)")
     model = BeitClassifier(beit_config_from_dict(config["beit"]), config["num_classes"], config["drop_path"])

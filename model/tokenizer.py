@@ -8,7 +8,8 @@ A tokenizer directory holds exactly:
 Never a pickle. `fingerprint` = sha256 over the encoder file's bytes and the
 canonical JSON of kind+config: everything that decides the token ids, and
 nothing else (adding a decoder does not invalidate stored tokens). It is
-verified on load, which also catches a half-replaced directory.
+verified on load, which also catches a half-replaced directory or a damaged
+encoder file; any damaged file is an UnreadableCheckpoint saying what rewrites it.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from typing import Union
 
 import torch
 from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
+from model.checkpoints import UnreadableCheckpoint, read_json, read_tensors
 from model.dalle import DalleConfig, DalleVAE
 from model.dvae import DVAE
 from model.schema import DVAEConfig
@@ -29,6 +31,9 @@ from pipeline.atomic import atomic_write
 
 FORMAT = 1
 CONFIG_NAME = "tokenizer.json"
+REWRITE = {"dvae": "rerun `beit train-tokenizer`",
+           "dalle": "rerun `beit convert-dalle` into tokenizer.dalle_path, then `beit train-tokenizer`"}
+REWRITE_ANY = "rerun `beit train-tokenizer` (after `beit convert-dalle` for a DALL-E one)"
 _KINDS = {"dvae": (DVAEConfig, DVAE), "dalle": (DalleConfig, DalleVAE)}
 
 TokenizerModel = Union[DVAE, DalleVAE]
@@ -112,10 +117,11 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
     meta_path = d / CONFIG_NAME
     if not meta_path.is_file():
         raise FileNotFoundError(f"{d}: no {CONFIG_NAME}; train a tokenizer or run `beit convert-dalle` first")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, REWRITE_ANY)
     if meta.get("format") != FORMAT or meta.get("kind") not in _KINDS:
         raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r} / kind {meta.get('kind')!r}")
     kind = meta["kind"]
+    fix = REWRITE[kind]
     cfg_cls, model_cls = _KINDS[kind]
     known = {f.name for f in dataclasses.fields(cfg_cls)}
     if set(meta["config"]) - known:
@@ -123,13 +129,18 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
     config = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
     enc_bytes = (d / "encoder.safetensors").read_bytes()
     fp = _fingerprint(enc_bytes, kind, dataclasses.asdict(config))
-    if fp != meta.get("fingerprint"):
-        raise ValueError(f"{d}: encoder weights do not match {CONFIG_NAME} (fingerprint mismatch); re-save the tokenizer")
+    if fp != meta.get("fingerprint"):  # a truncated or altered encoder file, or a half-replaced folder
+        raise UnreadableCheckpoint.at(d / "encoder.safetensors",
+                                      f"does not match {CONFIG_NAME}: fingerprint mismatch", fix)
     model = model_cls(config)
     model.encoder.load_state_dict(load_bytes(enc_bytes), strict=True)
     if getattr(model, "decoder", None) is not None:
         dec = d / "decoder.safetensors"
         if not dec.is_file():
-            raise FileNotFoundError(f"{dec}: missing, but a {kind} tokenizer with this config has a decoder")
-        model.decoder.load_state_dict(load_file(dec), strict=True)
+            raise FileNotFoundError(f"{dec}: missing, but a {kind} tokenizer with this config has a decoder; {fix}")
+        try:
+            model.decoder.load_state_dict(read_tensors(dec, fix), strict=True)
+        except RuntimeError as err:  # tensors of other shapes: not what save_tokenizer wrote
+            raise UnreadableCheckpoint.at(dec, f"does not fit {CONFIG_NAME}: {' '.join(str(err).split())[:300]}",
+                                          fix) from None
     return Tokenizer(model.to(device), kind, fp)

@@ -8,7 +8,9 @@ A checkpoint is a folder `step-NNNNNNNN/` holding
                         Python/NumPy RNG states, and anything the caller adds
 It is written under a hidden temporary name and renamed when complete
 (pipeline/atomic.py's atomic_dir), so a killed run never leaves a checkpoint
-that looks whole; `latest_checkpoint` only sees complete ones.
+that looks whole; `latest_checkpoint` only sees complete ones. One damaged
+afterwards makes `load_train_state` raise UnreadableCheckpoint naming it, before
+anything is restored.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from model.checkpoints import UnreadableCheckpoint, read_json, read_tensors
 from pipeline.atomic import atomic_dir
 
 PREFIX = "step-"
@@ -90,8 +93,13 @@ def save_train_state(
     return final
 
 
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    return sorted(p for p in Path(run_dir).glob(f"{PREFIX}*") if (p / "state.json").exists())
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    done = sorted(p for p in Path(run_dir).glob(f"{PREFIX}*") if (p / "state.json").exists())
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
 
@@ -101,15 +109,33 @@ def load_train_state(
     optimizer: torch.optim.Optimizer,
     scaler: Optional[torch.amp.GradScaler] = None,
 ) -> dict:
-    """Restore model, optimizer, scaler and all RNGs; return the state dict (step, extra)."""
+    """Restore model, optimizer, scaler and all RNGs; return the state dict (step, extra).
+    Every file is read and parsed before anything is restored: a damaged checkpoint is an
+    UnreadableCheckpoint naming the folder (the caller may fall back to an older one)."""
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
-    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(ckpt / "optim.safetensors"),
-                                                   state["optimizer"]))
+    fix = "delete it to resume from the previous checkpoint"
+    try:
+        state = read_json(ckpt / "state.json", fix)
+        weights = read_tensors(ckpt / "model.safetensors", fix)
+        opt_state = _unflatten_optimizer(read_tensors(ckpt / "optim.safetensors", fix), state["optimizer"])
+        rng = read_tensors(ckpt / "rng.safetensors", fix)
+        missing = [k for k in ("step", "extra", "scaler", "numpy_rng", "python_rng") if k not in state]
+        if missing or "torch" not in rng:
+            raise KeyError(", ".join(missing) or "rng.safetensors: torch")
+    except UnreadableCheckpoint as err:
+        raise UnreadableCheckpoint.at(ckpt, f"{err.path.name}: {err.why}", fix) from None
+    except FileNotFoundError as err:
+        raise UnreadableCheckpoint.at(ckpt, f"{Path(err.filename or '?').name} missing", fix) from None
+    except (KeyError, ValueError, TypeError) as err:  # JSON of another shape than save_train_state's
+        raise UnreadableCheckpoint.at(ckpt, f"state.json incomplete ({type(err).__name__}: {err})", fix) from None
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:  # tensors of other shapes or names than this model's
+        raise UnreadableCheckpoint.at(ckpt, f"model.safetensors does not fit the model: "
+                                      f"{' '.join(str(err).split())[:300]}", fix) from None
+    optimizer.load_state_dict(opt_state)
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
-    rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.schema import LoaderConfig, ViewConfig
-from pipeline.shardread import decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
+from pipeline.shardread import check_shards, decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
 from pipeline.stream import ShardList, epoch_stream
 from pipeline.views import apply_view, identity_view, sample_view
 
@@ -96,12 +96,15 @@ class LabelledSplit(ShardList):
 
 
 def open_labelled(shard_dir: str | Path, fraction: float = 1.0, seed: int = 0,
-                  num_classes: Optional[int] = None, holdout: Optional[int] = None) -> LabelledSplit:
-    """Read index.parquet; keep a stratified `fraction` of it (see label_subset),
-    or with `holdout=N`, the N-image validation set outside that fraction."""
+                  num_classes: Optional[int] = None, holdout: Optional[int] = None,
+                  verify: bool = False) -> LabelledSplit:
+    """Read index.parquet and check the tars (`check_shards`: their sizes; with `verify`, every
+    image's sha256); keep a stratified `fraction` of it (see label_subset), or with
+    `holdout=N`, the N-image validation set outside that fraction."""
     shard_dir = Path(shard_dir)
     index = index_file(shard_dir)
     table = read_index(index, ["key", "shard", "label"])
+    check_shards(shard_dir, tuple(dict.fromkeys(table["shard"])), verify)
     if holdout is not None:
         keep = holdout_subset(index, fraction, seed, holdout)
     else:

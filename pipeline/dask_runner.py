@@ -16,6 +16,10 @@ from tqdm import tqdm
 from pipeline.schema import ClusterConfig
 
 
+class ShardTasksFailed(RuntimeError):
+    """Some shard tasks failed after their retries; the message carries the first error's."""
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
     """A Dask client, or None for in-process execution (workers=0: debugging, tests)."""
@@ -114,5 +118,5 @@ def run_per_shard(
             results.append(stats)
             bar.update(stats.get("images", 0))
     if failures:
-        raise RuntimeError(f"{len(failures)} shard task(s) failed; first: {failures[0]}") from failures[0]
+        raise ShardTasksFailed(f"{len(failures)} shard task(s) failed; first: {failures[0]}") from failures[0]
     return results

@@ -20,7 +20,7 @@ import torch
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.masking import MaskGenerator
 from pipeline.schema import LoaderConfig
-from pipeline.shardread import decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
+from pipeline.shardread import check_shards, decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
 from pipeline.stream import ShardList, epoch_stream
 from pipeline.tokens import open_tokens
 from pipeline.views import View, apply_views
@@ -37,11 +37,14 @@ class SplitData(ShardList):
     token_path: Path
 
 
-def open_split(shard_dir: str | Path, token_path: str | Path) -> SplitData:
-    """Read the shard index and check the token store was built from these shards."""
+def open_split(shard_dir: str | Path, token_path: str | Path, verify: bool = False) -> SplitData:
+    """Read the shard index, check the tars (`check_shards`: their sizes; with `verify`, every
+    image's sha256) and that the token store was built from these shards (with `verify`, every
+    shard's rows against their digest too; otherwise each is checked when the trainer reads it)."""
     shard_dir = Path(shard_dir)
     by_shard = shard_keys(read_index(shard_dir, ["key", "shard"]))
     shards = tuple(by_shard)
+    check_shards(shard_dir, shards, verify)
     counts = tuple(len(keys) for keys in by_shard.values())
     store = open_tokens(token_path)
     want = index_fingerprint(index_file(shard_dir))
@@ -50,6 +53,9 @@ def open_split(shard_dir: str | Path, token_path: str | Path) -> SplitData:
         raise StaleTokens(
             f"{token_path}: tokens were computed from other shards than {shard_dir} "
             f"(fingerprint {have} != {want}); rerun `beit tokenize` (or `dvc repro`)")
+    if verify:
+        for s in range(len(shards)):
+            store.read_shard(s)  # CorruptTokens naming the store, the shard and the rerun
     return SplitData(shard_dir, shards, counts, Path(token_path))
 
 

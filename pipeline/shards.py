@@ -14,7 +14,9 @@ Layout of OUT/<split>/ (all names relative to it):
                              (shardread.INDEX_SCHEMA): key, shard (tar file name), position,
                              label, width, height, bytes, sha256 (of the stored image bytes),
                              ext, source
-  rejected.jsonl             one line per skipped input: shard, key, source, reason, detail
+  rejected.jsonl             one line per skipped input: shard, key, source, reason, detail;
+                             first those the listing found (shard null: a dangling link, an
+                             unreadable folder), then those of each shard in shard order
   classes.json               ["name of class 0", ...]
 
 The plan (which entries go to which shard, in which order) is a pure function
@@ -26,6 +28,12 @@ stored bytes, so on a rerun a shard whose sidecar carries the same fingerprint
 (and whose tar has the recorded size) is kept untouched, a stale one is
 rewritten, and tars not in the plan are deleted. Tars and sidecars are written
 as *.tmp and renamed, so a kill (even -9) leaves nothing that looks complete.
+Inputs the listing could not read (`Listing.skipped`) are not in the plan: they
+are reported, and the shards of the others are what they would be without them.
+
+A failure (disk full included) keeps every shard completed before it and leaves
+no index.parquet, which is written last; the rerun writes only the missing shards
+and ends byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -44,8 +52,8 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_file, atomic_write
 from pipeline.schema import EncodeConfig, ShardConfig
 from pipeline.shardread import INDEX_NAME, INDEX_SCHEMA
-from pipeline.shardwrite import FORMAT, ShardTask, StrictFailure, write_shards
-from pipeline.sources import Entry, Listing, Source
+from pipeline.shardwrite import FORMAT, ShardTask, StrictFailure, name_errors, write_shards
+from pipeline.sources import Entry, Listing, Skipped, Source
 
 
 class ShardError(ValueError):
@@ -57,7 +65,7 @@ class SplitSummary:
     split: str
     shards: int
     shards_written: int  # this run; the others were already complete
-    planned: int
+    planned: int  # inputs: those in the plan + those the listing could not read
     written: int
     rejected: dict[str, int]  # reason -> count
     image_bytes: int
@@ -117,11 +125,15 @@ def shard_split(source: Source, split: str, out_root: str | Path, cfg: ShardConf
     """Write (or finish) OUT/<split>/ for `split` of `source`; see the module docstring."""
     start = time.perf_counter()
     listing = source.list(split)
+    if cfg.strict and listing.skipped:
+        r = listing.skipped[0]
+        raise StrictFailure(f"{r.path}: {r.reason} ({r.detail}); rerun without --strict to skip it")
     tasks = plan(split, listing, seed, cfg.shard_size, cfg.encode, source.name)
     out = Path(out_root) / split
     out.mkdir(parents=True, exist_ok=True)
     _clean(out, split, tasks)
-    atomic_write(out / "classes.json", json.dumps(list(listing.classes), indent=1), durable=False)
+    with name_errors(out / "classes.json"):
+        atomic_write(out / "classes.json", json.dumps(list(listing.classes), indent=1), durable=False)
 
     done = {t.name: s for t in tasks if (s := _read_sidecar(out, t)) is not None}
     todo = [t for t in tasks if t.name not in done]
@@ -142,18 +154,26 @@ def shard_split(source: Source, split: str, out_root: str | Path, cfg: ShardConf
                 done[t.name] = _read_sidecar(out, t)
     stats = [done[t.name] for t in tasks]
     missing = [t.tar for t, s in zip(tasks, stats) if s is None]
-    if missing:  # pragma: no cover - a worker could not publish its last shard (its traceback is above)
+    if missing:  # pragma: no cover - a worker died before it could publish its last shard
         raise ShardError(f"{out}: {len(missing)} shards did not complete ({missing[0]}, ...); rerun `beit shard`")
-    _write_index(out, stats)
-    atomic_write(out / "rejected.jsonl", b"".join(json.dumps(r).encode() + b"\n" for s in stats for r in s["rejected"]))
-    rejected = Counter()
+    rows = [*map(_skipped_row, listing.skipped), *(r for s in stats for r in s["rejected"])]
+    with name_errors(out / "rejected.jsonl"):
+        atomic_write(out / "rejected.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    with name_errors(out / INDEX_NAME):
+        _write_index(out, stats)  # last: its presence says the split is complete
+    rejected = Counter(r.reason for r in listing.skipped)
     for s in stats:
         rejected.update(s["rejected_by_reason"])
     return SplitSummary(
-        split, len(tasks), len(todo), sum(s["planned"] for s in stats), sum(s["written"] for s in stats),
-        dict(sorted(rejected.items())), sum(s["image_bytes"] for s in stats), time.perf_counter() - start,
-        listing.ignored,
+        split, len(tasks), len(todo), len(listing.skipped) + sum(s["planned"] for s in stats),
+        sum(s["written"] for s in stats), dict(sorted(rejected.items())), sum(s["image_bytes"] for s in stats),
+        time.perf_counter() - start, listing.ignored,
     )
+
+
+def _skipped_row(r: Skipped) -> dict:
+    """rejected.jsonl's line for an input the listing could not read (not in any shard)."""
+    return {"shard": None, "key": r.key, "source": r.path, "reason": r.reason, "detail": r.detail}
 
 
 def _clean(out: Path, split: str, tasks: list[ShardTask]) -> None:

@@ -5,10 +5,15 @@ The output layout and the plan are pipeline/shards.py's; this module turns one p
 `ShardTask` into OUT/<split>/<name>.tar, written as <name>.tar.tmp, fsync'ed and renamed,
 then <name>.stats.json (the completion mark), so a kill (even -9) leaves nothing that
 looks complete.
+
+A failure (disk full, an I/O error, --strict) removes the failing shard's temp files and
+never leaves its .tar or .stats.json: every shard published before it is kept, and the
+OSError names the file (`name_errors`), so the one-line message says where it happened.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -19,9 +24,8 @@ import queue as queue_mod
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
-from pipeline.atomic import atomic_write
 from pipeline.prepare import Rejected, prepare
 from pipeline.schema import EncodeConfig, ShardConfig
 from pipeline.sources import Entry, Source
@@ -62,15 +66,42 @@ class ShardTask:
 # writing one shard (runs in a worker process, or in-process with workers=1)
 
 
-def _publish(f, tmp: Path, tar: Path, sidecar: Path, stats: bytes) -> None:
-    """Make a fully written shard durable and visible: fsync, rename, then the sidecar."""
+@contextlib.contextmanager
+def name_errors(path: Path) -> Iterator[None]:
+    """An OSError raised inside without a file name (a write to an open descriptor, pyarrow's)
+    gets `path`: the one-line error (stages/errors.py) then says which output failed."""
     try:
-        os.fsync(f.fileno())  # the rename below must not publish a tar whose data is still in flight
-    finally:
-        f.close()
-    os.replace(tmp, tar)
-    # Not fsync'ed: a sidecar lost or torn by a power cut fails its check and the shard is redone.
-    atomic_write(sidecar, stats, durable=False)
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+
+
+def _publish(f, tmp: Path, tar: Path, sidecar_tmp: Path, sidecar: Path) -> None:
+    """Make a fully written shard durable and visible: fsync, rename, then the sidecar (already
+    written to `sidecar_tmp`, so completing a shard needs no disk space: a disk filled by the
+    next shard cannot take this one with it). On a failure neither name is left behind."""
+    published = False
+    try:
+        with name_errors(tar):
+            try:
+                os.fsync(f.fileno())  # the rename below must not publish a tar whose data is still in flight
+            finally:
+                f.close()
+            os.replace(tmp, tar)
+            published = True
+            # Not fsync'ed: a sidecar lost or torn by a power cut fails its check and the shard is redone.
+            os.replace(sidecar_tmp, sidecar)
+    except BaseException:
+        _remove(tmp, sidecar_tmp, *((tar,) if published else ()))
+        raise
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.unlink(missing_ok=True)
 
 
 class Publisher:
@@ -97,6 +128,12 @@ class Publisher:
         if last is not None:
             last.result()
 
+    def close_quietly(self) -> None:
+        """`close` while another error is on its way: the shard in flight still completes
+        if it can, and that first error is the one reported."""
+        with contextlib.suppress(Exception):
+            self.close()
+
     def close(self) -> None:
         try:
             self.wait()
@@ -118,14 +155,18 @@ def write_shard(
 ) -> dict:
     """Write OUT/<task.tar> and then its sidecar; returns the sidecar dict.
     With a `publisher`, the fsync + rename + sidecar happen on its thread: the shard
-    is complete once `publisher.wait()` (or its next `submit`) returns."""
-    (out / task.sidecar).unlink(missing_ok=True)  # it is stale: the shard is incomplete until rewritten
-    tmp = out / f"{task.tar}.tmp"
+    is complete once `publisher.wait()` (or its next `submit`) returns. On any error
+    the shard's temp files are removed and neither of its names exists."""
+    if stop is not None and stop():
+        raise Interrupted(task.name)
+    # Both are stale (the shard is incomplete until rewritten); removing the old tar also frees its space.
+    _remove(out / task.sidecar, out / task.tar)
+    tmp, sidecar_tmp = out / f"{task.tar}.tmp", out / f"{task.sidecar}.tmp"
     samples, rejected = [], []
     image_bytes = reencoded = pending = 0
     f = open(tmp, "wb", buffering=0)  # TarWriter writes one writev() per sample; closed by _publish
     try:
-        tar = TarWriter(f)
+        tar = TarWriter(f, str(out / task.tar))
         for entry in task.entries:
             if stop is not None and stop():
                 raise Interrupted(task.name)
@@ -168,25 +209,25 @@ def write_shard(
                 progress(pending)
                 pending = 0
         tar_bytes = tar.close()
+        stats = {
+            "shard": task.tar, "fingerprint": task.fingerprint, "format": FORMAT,
+            "planned": len(task.entries), "written": len(samples), "tar_bytes": tar_bytes,
+            "image_bytes": image_bytes, "reencoded": reencoded,
+            "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+            "rejected": rejected, "samples": samples,
+        }
+        with name_errors(out / task.sidecar), open(sidecar_tmp, "wb") as side:
+            side.write(_stats_json(stats).encode())
+        if publisher is not None:
+            publisher.wait()  # the previous shard: its fsync ran while this one was written
     except BaseException:
         f.close()
+        _remove(tmp, sidecar_tmp)
         raise
-    stats = {
-        "shard": task.tar, "fingerprint": task.fingerprint, "format": FORMAT,
-        "planned": len(task.entries), "written": len(samples), "tar_bytes": tar_bytes,
-        "image_bytes": image_bytes, "reencoded": reencoded,
-        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "rejected": rejected, "samples": samples,
-    }
-    args = (f, tmp, out / task.tar, out / task.sidecar, _stats_json(stats).encode())
+    args = (f, tmp, out / task.tar, sidecar_tmp, out / task.sidecar)
     if publisher is None:
         _publish(*args)
     else:
-        try:
-            publisher.wait()  # the previous shard: its fsync ran while this one was written
-        except BaseException:
-            f.close()
-            raise
         publisher.submit(*args)
     if progress is not None and pending:
         progress(pending)
@@ -212,8 +253,10 @@ def write_shards(tasks: list[ShardTask], source: Source, out: Path, cfg: ShardCo
             for t in tasks:
                 done[t.name] = write_shard(t, source, out, cfg.encode, cfg.strict, progress=bar.update,
                                            publisher=publisher)
-        finally:
-            publisher.close()  # the last shard; on an error, the finished ones still complete
+        except BaseException:
+            publisher.close_quietly()  # on an error, the shard in flight still completes
+            raise
+        publisher.close()  # the last shard
         return done
     _run_pool(tasks, source, out, cfg.encode, cfg.strict, min(cfg.workers, len(tasks)), bar)
     return {}
@@ -227,9 +270,16 @@ def _init_worker(q, stop) -> None:
     if "torch" in sys.modules:  # inherited from the parent through fork
         sys.modules["torch"].set_num_threads(1)  # also keeps a forked child out of OpenMP regions
     # This worker's last shard is published (fsync, rename, sidecar) when the pool shuts
-    # the worker down; shard_split then checks that every sidecar exists.
+    # the worker down; a failure there goes to the parent through the progress queue.
     _publisher = Publisher()
-    mp.util.Finalize(None, _publisher.close, exitpriority=10)
+    mp.util.Finalize(None, _close_worker_publisher, exitpriority=10)
+
+
+def _close_worker_publisher() -> None:
+    try:
+        _publisher.close()
+    except Exception as err:  # noqa: BLE001 - handed to the parent, which raises it
+        _queue.put(err)
 
 
 def _pool_task(task: ShardTask, source: Source, out: Path, encode: EncodeConfig, strict: bool) -> dict:
@@ -266,27 +316,35 @@ def _run_pool(tasks, source, out, encode, strict, workers, bar) -> None:
             raise
     finally:
         gc.unfreeze()
+    errors: list[BaseException] = []
     with pool:
         futures = [pool.submit(_pool_task, t, source, out, encode, strict) for t in tasks]
         pending = set(futures)
         try:
             while pending:
                 done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
-                _drain(q, bar)
+                _drain(q, bar, errors)
                 for fut in done:
                     fut.result()  # re-raises StrictFailure / worker errors
         except BaseException:
-            stop.set()  # running shards stop at their next sample, leaving only *.tmp files
+            stop.set()  # running shards stop at their next sample and remove their temp files
             for fut in pending:
                 fut.cancel()
             raise
         finally:
-            _drain(q, bar)
+            _drain(q, bar, errors)
+    _drain(q, bar, errors)  # the workers have exited: their last shards are published, or failed
+    if errors:
+        raise errors[0]
 
 
-def _drain(q, bar) -> None:
+def _drain(q, bar, errors: list) -> None:
     while True:
         try:
-            bar.update(q.get_nowait())
+            item = q.get_nowait()
         except queue_mod.Empty:
             return
+        if isinstance(item, BaseException):
+            errors.append(item)
+        else:
+            bar.update(item)

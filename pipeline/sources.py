@@ -10,7 +10,10 @@ data lazily, once per process.
   list is the union over the splits asked for (so a validation folder that
   lacks a class cannot shift the indices). Files are found recursively, by
   extension (case-insensitive). Key = first 20 hex digits of sha256 of the
-  path relative to ROOT: stable, dot-free, and checked unique.
+  path relative to ROOT: stable, dot-free, and checked unique. What cannot be
+  listed (a link to nothing or one that loops, a file or folder that may not be
+  read) is `Listing.skipped`, with its reason, never an error, and not part of
+  the plan, so the shards of the readable images stay what they were.
 - `fashion-mnist`: the four idx .gz files; `train` and `test` (t10k) splits;
   key = "<split>-NNNNNN" (row index). Pixels are handed over as uint8
   [28, 28] arrays, not bytes, so nothing is encoded twice.
@@ -18,16 +21,17 @@ data lazily, once per process.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Optional, Protocol
 
 import numpy as np
 
 from pipeline.fetch import DatasetUnavailable, find_fashion_mnist
-from pipeline.prepare import Raw
+from pipeline.prepare import REASONS, Raw
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -56,10 +60,21 @@ class Entry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Skipped:
+    """An input found when listing that cannot be read: it goes to rejected.jsonl, not to a shard."""
+
+    key: Optional[str]  # the key it would have had; None for a folder (or a broken link that may be one)
+    path: str  # relative to the source root, as Entry.path
+    reason: str  # one of pipeline.prepare.REASONS
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Listing:
     entries: list[Entry]  # sorted by path
     classes: tuple[str, ...]
     ignored: int = 0  # files skipped because of their extension / place
+    skipped: tuple[Skipped, ...] = ()  # sorted by path
 
 
 class Source(Protocol):
@@ -94,7 +109,7 @@ class ImageFolderSource:
         for s in {split, *self.class_splits}:
             folder = self.root / s
             if folder.is_dir():
-                names.update(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+                names.update(d.name for d in os.scandir(folder) if not d.name.startswith(".") and _kind(d)[0] == "dir")
         return tuple(sorted(names))
 
     def list(self, split: str) -> Listing:
@@ -104,25 +119,32 @@ class ImageFolderSource:
         classes = self.classes(split)
         index = {c: i for i, c in enumerate(classes)}
         entries: list[Entry] = []
+        skipped: list[Skipped] = []
         ignored = 0
+        split_id = _folder_id(os.stat(folder))
         for top in os.scandir(folder):
-            if not top.is_dir():
-                ignored += top.is_file()  # an image outside a class folder has no label
-                continue
-            if top.name not in index:  # hidden folder
-                continue
-            for rel, size in _walk(Path(top.path)):
-                if os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
+            kind, info = _kind(top)
+            if kind == "file":
+                ignored += 1  # an image outside a class folder has no label
+            elif kind in REASONS and not top.name.startswith("."):  # a broken link: a class folder, if no extension
+                if os.path.splitext(top.name)[1]:
                     ignored += 1
-                    continue
-                path = f"{split}/{top.name}/{rel}"
-                key = hashlib.sha256(path.encode()).hexdigest()[:20]
-                entries.append(Entry(key, path, index[top.name], size))
+                else:
+                    skipped.append(Skipped(None, f"{split}/{top.name}", kind, info))
+            elif kind == "dir" and top.name in index:  # not a hidden folder
+                for path, reason, info in _walk(top.path, f"{split}/{top.name}/", frozenset({split_id})):
+                    ext = os.path.splitext(path)[1].lower()
+                    if reason is None and ext in IMAGE_EXTENSIONS:
+                        entries.append(Entry(_key(path), path, index[top.name], info))
+                    elif reason is None or (ext and ext not in IMAGE_EXTENSIONS):
+                        ignored += 1  # not an image by its name
+                    else:  # a folder that cannot be listed, or what may be an image and cannot be read
+                        skipped.append(Skipped(None if path.endswith("/") else _key(path), path, reason, info))
         entries.sort(key=lambda e: e.path)
         if not entries:
             raise SourceError(f"{folder}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         check_unique(entries)
-        return Listing(entries, classes, ignored)
+        return Listing(entries, classes, ignored, tuple(sorted(skipped, key=lambda e: e.path)))
 
     def read(self, entry: Entry) -> bytes:
         # os.path.join, not Path: a pathlib join costs as much as hashing the image (~10 us)
@@ -130,18 +152,74 @@ class ImageFolderSource:
             return f.readall()
 
 
-def _walk(folder: Path, prefix: str = ""):
-    """Yield (relative posix path, size) of files under `folder`, following links."""
-    with os.scandir(folder) as it:
-        items = sorted(it, key=lambda d: d.name)
+def _key(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:20]
+
+
+def _folder_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _reason(err: OSError, link: bool) -> tuple[str, str]:
+    """(REASONS item, detail) for an entry that could not be followed or read."""
+    if link and err.errno in (errno.ENOENT, errno.ENOTDIR):
+        try:
+            return "dangling-link", f"links to {os.readlink(err.filename)}, which does not exist"
+        except (OSError, TypeError):
+            return "dangling-link", "links to a file that does not exist"
+    if err.errno == errno.ELOOP:
+        return "link-loop", f"{type(err).__name__}: {err.strerror or err}"
+    return "unreadable", f"{type(err).__name__}: {err.strerror or err}"
+
+
+def _kind(d: os.DirEntry) -> tuple[str, str]:
+    """("dir" | "file" | "other", "") of `d`, following links, or (REASONS item, detail) for an
+    entry that leads nowhere (a dangling link, a loop) or may not be looked at."""
+    try:
+        if d.is_dir():
+            return "dir", ""
+        if d.is_file():
+            return "file", ""
+        if not d.is_symlink():
+            return "other", ""  # a fifo, socket or device: never read
+        os.stat(d.path)  # a link that is neither: why (is_dir/is_file say False for a dangling one)
+        return "other", ""
+    except OSError as err:
+        return _reason(err, d.is_symlink())
+
+
+def _walk(folder: str, prefix: str, above: frozenset) -> Iterator[tuple[str, Optional[str], object]]:
+    """Yield (path, None, size) for each file under `folder`, following links, in name order, and
+    (path, reason, detail) for each entry that cannot be followed or read; the path of a folder
+    ends in "/". `above`: (device, inode) of the folders above `folder`, so a link back up is a
+    "link-loop" instead of an endless walk."""
+    try:
+        ident = _folder_id(os.stat(folder))
+        if ident in above:
+            yield prefix, "link-loop", "a link back to a folder above it"
+            return
+        with os.scandir(folder) as it:
+            items = sorted(it, key=lambda d: d.name)
+    except OSError as err:
+        yield prefix, *_reason(err, os.path.islink(folder))
+        return
+    above = above | {ident}
     for d in items:
         if d.name.startswith("."):
             continue
-        rel = f"{prefix}{d.name}"
-        if d.is_dir():
-            yield from _walk(Path(d.path), rel + "/")
-        elif d.is_file():
-            yield rel, d.stat().st_size
+        path = prefix + d.name
+        kind, info = _kind(d)
+        if kind == "dir":
+            yield from _walk(d.path, path + "/", above)
+        elif kind == "file":
+            try:
+                size = d.stat().st_size
+            except OSError as err:  # gone since it was listed, or a link we may not follow
+                yield path, *_reason(err, d.is_symlink())
+                continue
+            yield path, None, size
+        elif kind != "other":
+            yield path, kind, info
 
 
 def read_idx(path: Path) -> np.ndarray:

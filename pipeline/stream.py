@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.fingerprint import stable_hash
-from pipeline.shardread import tar_samples
+from pipeline.shardread import CorruptShard, tar_samples
 
 Stage = Callable[[Iterator[dict]], Iterator[dict]]
 
@@ -86,10 +86,34 @@ def epoch_stream(split: ShardList, seed: int, epoch: int, train: bool, buffer_si
     stream = tar_samples(str(split.shard_dir / split.shards[i]) for i in ids)
     for stage in stages:
         stream = stage(stream)
+    stream = counted(stream, [(str(split.shard_dir / split.shards[i]), split.counts[i]) for i in ids])
     if train:
         rng = random.Random(stable_hash(buffer_salt, seed, epoch, rank, worker))
         stream = shuffle_buffer(stream, buffer_size, rng)
     return stream
+
+
+def counted(samples: Iterator[dict], expected: list[tuple[str, int]]) -> Iterator[dict]:
+    """`samples` unchanged, checking that the shards (url, count) in `expected` deliver
+    exactly `count` samples each, in that order: what the step plan counted. A tar cut at
+    a member boundary (or with a broken header checksum) ends quietly, as tarfile and
+    webdataset end it; here that is CorruptShard, not an epoch that runs out of batches.
+    One comparison per sample."""
+    todo = iter(expected)
+    url, count, seen = None, 0, 0
+    for sample in samples:
+        while sample["__url__"] != url:
+            if seen != count:
+                raise CorruptShard.at(url, f"ends after {seen} of the {count} samples index.parquet lists")
+            (url, count), seen = next(todo), 0  # StopIteration cannot happen: the urls come from `expected`
+        seen += 1
+        if seen > count:
+            raise CorruptShard.at(url, f"more than the {count} samples index.parquet lists")
+        yield sample
+    for url, count in [(url, count - seen), *todo]:
+        if count:
+            raise CorruptShard.at(url, f"ends after {seen} of the {seen + count} samples index.parquet lists")
+        seen = 0
 
 
 def epoch_steps(split: ShardList, batch_size: int, num_workers: int, seed: int, epoch: int,

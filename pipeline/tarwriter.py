@@ -89,12 +89,16 @@ class TarWriter:
 
     Given an unbuffered file (open(..., buffering=0)), `add_many` hands all of a
     sample's members to the kernel in one writev(): no copy through a Python
-    buffer and one system call per sample instead of one per piece."""
+    buffer and one system call per sample instead of one per piece.
 
-    def __init__(self, fileobj: BinaryIO) -> None:
+    An OSError from writing (a full disk) carries `name` as its file name, or the
+    stream's own name: a write to a descriptor names no file by itself."""
+
+    def __init__(self, fileobj: BinaryIO, name: Optional[str] = None) -> None:
         self._f = fileobj
         self._offset = 0
         self._fd = fileobj.fileno() if isinstance(fileobj, io.FileIO) and hasattr(os, "writev") else None
+        self._name = name if name is not None else getattr(fileobj, "name", None)
 
     def add(self, name: str, data: bytes) -> None:
         self.add_many(((name, data),))
@@ -121,6 +125,14 @@ class TarWriter:
         return self._offset
 
     def _write(self, bufs: list) -> None:
+        try:
+            self._write_all(bufs)
+        except OSError as err:
+            if err.filename is None and isinstance(self._name, str):
+                err.filename = self._name
+            raise
+
+    def _write_all(self, bufs: list) -> None:
         if self._fd is None:
             for b in bufs:
                 self._f.write(b)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.schema import ViewConfig
-from pipeline.shardread import decode_rgb, image_bytes, tar_samples
+from pipeline.shardread import CorruptShard, decode_rgb, image_bytes, tar_samples
 from pipeline.views import View, apply_views, sample_view
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -63,7 +63,7 @@ def tokenize_shard(
     if pending_views:
         flush()
     if expected_keys is not None and list(expected_keys) != keys:
-        raise ValueError(f"{tar_path}: members differ from index.parquet; rerun `beit shard`")
+        raise CorruptShard.at(tar_path, f"its {len(keys)} samples are not the {len(expected_keys)} index.parquet lists")
     n = len(keys)
     if n == 0:
         raise ValueError(f"{tar_path}: no images")

@@ -15,7 +15,11 @@ shard's worth of rows for the last shard plus rejected samples; it also makes a
 shard's tokens one contiguous read for the trainer.
 
 `rows` and `digest` are written last, so a killed task leaves its shard
-"not done" and a rerun redoes exactly that shard.
+"not done" and a rerun redoes exactly that shard. Every `read_shard` checks the
+rows against `digest` (and turns a chunk that no longer decodes into the same
+error), so a damaged store is `CorruptTokens` naming the store, the shard and the
+rerun, never silently wrong tokens; `done()` counts such a shard as not done,
+so that rerun rewrites it.
 
 Alternative layout (`format: parquet`): `<split>.parquet/<shard>.parquet`, one
 file per data shard (key, view, view params, token ids), written atomically.
@@ -43,6 +47,21 @@ FORMAT_VERSION = 1
 
 class TokenStoreMismatch(RuntimeError):
     """The store on disk was made from other shards, tokenizer or views."""
+
+
+class CorruptTokens(RuntimeError):
+    """A data shard's rows in the store are incomplete, do not decode, or fail their digest."""
+
+
+def _corrupt(path: Path, spec: "StoreSpec", s: int, what: str) -> CorruptTokens:
+    split = path.name.rsplit(".", 1)[0]  # <split>.zarr | <split>.parquet
+    return CorruptTokens(f"{path}: token rows of {spec.shards[s]} {what}; rerun `beit tokenize --split {split}` "
+                         "(it redoes that shard)")
+
+
+# Reading a chunk that no longer decodes: blosc and zstd raise RuntimeError, the string
+# codecs and pyarrow (ArrowInvalid) ValueError, numpy a reshape/type error on a short buffer.
+_DECODE_ERRORS = (RuntimeError, ValueError, TypeError, EOFError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,23 +189,31 @@ class ZarrTokens:
         g["rows"][s:s + 1] = np.array([n], np.int32)
 
     def done(self) -> set[int]:
-        """Shards whose rows are complete and whose data matches the stored checksum."""
-        g = self._group("r")
-        rows, digest = g["rows"][:], g["digest"][:]
-        out = set()
-        for s, n in enumerate(rows):
-            if n != self.spec.counts[s]:
-                continue
-            part = self.read_shard(s)
-            if shard_digest(part.keys, part.tokens, part.views) == int(digest[s]):
-                out.add(s)
-        return out
+        """Shards whose rows are complete, decode, and match the stored checksum."""
+        return {s for s in range(len(self.spec.shards)) if _intact(self, s)}
 
     def read_shard(self, s: int) -> ShardTokens:
+        """Shard `s`'s rows, checked against its digest (CorruptTokens if they are not the
+        rows `write_shard` wrote). The check is one blake2b pass over the rows (~1.3 GB/s):
+        measured on a 1000-image, 10-view, 14x14 shard (3.9 MB of tokens) 3.3 ms, plus ~1 ms
+        for the rows/digest entries, against 3.1 ms for the read alone: it doubles the read,
+        but the trainer reads a shard once per epoch per DataLoader worker, and decoding and
+        augmenting that shard's 1000 images takes ~2.5 s at 224 px (~0.2% overhead)."""
         g = self._group("r")
         lo, n = s * self.spec.capacity, self.spec.counts[s]
-        return ShardTokens(keys=g["keys"][lo:lo + n], tokens=g["tokens"][lo:lo + n],
-                           views=g["views"][lo:lo + n])
+        try:
+            rows, digest = int(g["rows"][s]), int(g["digest"][s])
+            if rows != n:
+                raise _corrupt(self.path, self.spec, s, f"are incomplete ({max(rows, 0)} of {n} written)")
+            part = ShardTokens(keys=g["keys"][lo:lo + n], tokens=g["tokens"][lo:lo + n],
+                               views=g["views"][lo:lo + n])
+        except CorruptTokens:
+            raise
+        except _DECODE_ERRORS as err:
+            raise _corrupt(self.path, self.spec, s, f"do not decode ({type(err).__name__}: {err})") from None
+        if shard_digest(part.keys, part.tokens, part.views) != digest:
+            raise _corrupt(self.path, self.spec, s, "do not match their digest")
+        return part
 
 
 # ---------------------------------------------------------------- Parquet
@@ -233,27 +260,41 @@ class ParquetTokens:
             pq.write_table(table, tmp, compression="zstd")
 
     def done(self) -> set[int]:
-        out = set()
-        for s in range(len(self.spec.shards)):
-            f = self._file(s)
-            if not f.exists():
-                continue
-            meta = pq.read_schema(f).metadata or {}
-            if int(meta.get(b"rows", -1)) != self.spec.counts[s]:
-                continue
-            part = self.read_shard(s)
-            if shard_digest(part.keys, part.tokens, part.views) == int(meta[b"digest"]):
-                out.add(s)
-        return out
+        """Shards whose file exists, reads, and matches the checksum in its metadata."""
+        return {s for s in range(len(self.spec.shards)) if self._file(s).exists() and _intact(self, s)}
 
     def read_shard(self, s: int) -> ShardTokens:
-        t = pq.read_table(self._file(s))
+        """Shard `s`'s rows, checked against the digest in the file's metadata (see ZarrTokens)."""
+        f, n = self._file(s), self.spec.counts[s]
         V, (h, w), K = self.spec.views, self.spec.grid, self.spec.view_dim
-        n = t.num_rows // V
-        keys = np.asarray(t.column("key").to_numpy(zero_copy_only=False)).reshape(n, V)[:, 0]
-        tok = t.column("tokens").combine_chunks().flatten().to_numpy().reshape(n, V, h, w)
-        vw = t.column("view_params").combine_chunks().flatten().to_numpy().reshape(n, V, K)
-        return ShardTokens(keys=keys.astype(str), tokens=tok.astype(np.uint16), views=vw.astype(np.float32))
+        try:
+            t = pq.read_table(f)
+            meta = t.schema.metadata or {}
+            if int(meta.get(b"rows", -1)) != n or t.num_rows != n * V:
+                raise _corrupt(self.path, self.spec, s, f"are incomplete ({t.num_rows // V} of {n} rows)")
+            keys = np.asarray(t.column("key").to_numpy(zero_copy_only=False)).reshape(n, V)[:, 0]
+            tok = t.column("tokens").combine_chunks().flatten().to_numpy().reshape(n, V, h, w)
+            vw = t.column("view_params").combine_chunks().flatten().to_numpy().reshape(n, V, K)
+            part = ShardTokens(keys=keys.astype(str), tokens=tok.astype(np.uint16), views=vw.astype(np.float32))
+            digest = int(meta[b"digest"])
+        except CorruptTokens:
+            raise
+        except FileNotFoundError:
+            raise _corrupt(self.path, self.spec, s, f"are missing ({f.name})") from None
+        except (*_DECODE_ERRORS, KeyError, OSError) as err:  # pyarrow reports a bad footer as OSError
+            raise _corrupt(self.path, self.spec, s, f"do not decode ({type(err).__name__}: {err})") from None
+        if shard_digest(part.keys, part.tokens, part.views) != digest:
+            raise _corrupt(self.path, self.spec, s, "do not match their digest")
+        return part
+
+
+def _intact(store, s: int) -> bool:
+    """Shard `s` of `store` reads back as written (what `done()` resumes on)."""
+    try:
+        store.read_shard(s)
+    except CorruptTokens:
+        return False
+    return True
 
 
 def store_path(out: str | Path, split: str, fmt: Format) -> Path:

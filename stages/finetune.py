@@ -61,7 +61,7 @@ def encoder_init(params: Params, kind: Kind, init: Optional[str]) -> tuple[dict,
     if not (ckpt / WEIGHTS).exists():
         raise FileNotFoundError(f"{ckpt}: no pretrained checkpoint; run `beit pretrain` "
                                 "(or `dvc repro pretrain`), or use `beit scratch`")
-    encoder = load_encoder(ckpt)
+    encoder = load_encoder(ckpt, params.model, params.data.image_size)  # another size/resolution: one line
     return timm_export(encoder)[0], encoder.config, f"pretrain-{file_fingerprint(ckpt / WEIGHTS)}"
 
 
@@ -70,7 +70,9 @@ def build_classifier(params: Params, kind: Kind, init: Optional[str], classes: i
     """The model both commands train: only the encoder weights depend on `kind`/`init`."""
     sd, config, init_fp = encoder_init(params, kind, init)
     if config.img_size != params.data.image_size:
-        raise ConfigError(f"model input {config.img_size} px != data.image_size={params.data.image_size}")
+        source = "model " + params.model if kind == "scratch" else f"--init {init}" if init else "the encoder"
+        raise ConfigError(f"{source} takes {config.img_size} px but data.image_size={params.data.image_size}; "
+                          "make them agree")
     torch.manual_seed(stable_hash("classifier-head", params.seed) % 2**63)  # same head init for both
     model = BeitClassifier(config, classes, drop_path=params.finetune.drop_path)
     model.load_encoder(sd)
@@ -117,35 +119,38 @@ def evaluate(model: torch.nn.Module, dataset: ClassifyDataset, batch_size: int, 
             "eval_loss": sums[2].item() / n, "eval_samples": int(sums[3].item())}
 
 
-def finetune(params: Params, init: Optional[str] = None, stop_after: Optional[int] = None) -> dict:
+def finetune(params: Params, init: Optional[str] = None, stop_after: Optional[int] = None,
+             verify: bool = False) -> dict:
     """Fine-tune from outputs.pretrain (or `init`, unilm:PATH); the final metrics, or
-    {"stopped_at": step} after `stop_after` steps."""
-    return train_classifier(params, "finetune", init, stop_after)
+    {"stopped_at": step} after `stop_after` steps. `verify`: check every shard image's
+    sha256 first (the tar sizes are always checked)."""
+    return train_classifier(params, "finetune", init, stop_after, verify)
 
 
-def scratch(params: Params, stop_after: Optional[int] = None) -> dict:
+def scratch(params: Params, stop_after: Optional[int] = None, verify: bool = False) -> dict:
     """The same recipe from random init (the paper's baseline)."""
-    return train_classifier(params, "scratch", None, stop_after)
+    return train_classifier(params, "scratch", None, stop_after, verify)
 
 
 def train_classifier(params: Params, kind: Kind, init: Optional[str] = None,
-                     stop_after: Optional[int] = None) -> dict:
+                     stop_after: Optional[int] = None, verify: bool = False) -> dict:
     """`finetune` or `scratch`, on the ranks torchrun started (one process without it)."""
     env = setup_distributed(params.finetune.loop.device)
     try:
-        return run(params, env, kind, init, stop_after)
+        return run(params, env, kind, init, stop_after, verify)
     finally:
         teardown_distributed()
 
 
-def run(params: Params, env: Dist, kind: Kind, init: Optional[str], stop_after: Optional[int]) -> dict:
+def run(params: Params, env: Dist, kind: Kind, init: Optional[str], stop_after: Optional[int],
+        verify: bool = False) -> dict:
     cfg, out = params.finetune, params.outputs
     init = None if kind == "scratch" else (init or cfg.init)
     shards, size = Path(out.shards), params.data.image_size
-    train = open_labelled(shards / params.data.train_split, cfg.label_fraction, params.seed)
+    train = open_labelled(shards / params.data.train_split, cfg.label_fraction, params.seed, verify=verify)
     if cfg.validation is None:
-        held, scored = open_labelled(shards / params.data.eval_split), params.data.eval_split
-    else:  # tuning: never touch the test split
+        held, scored = open_labelled(shards / params.data.eval_split, verify=verify), params.data.eval_split
+    else:  # tuning: never touch the test split (its shards were verified with `train`)
         held = open_labelled(shards / params.data.train_split, cfg.label_fraction, params.seed,
                              holdout=cfg.validation)
         scored = f"{params.data.train_split} holdout of {held.num_samples}"
@@ -203,9 +208,10 @@ def command(kind: Kind) -> click.Command:
     @click.option("--params", "params_path", default="params.yaml", show_default=True)
     @click.option("--stop-after", type=int, default=None,
                   help="Stop after this many steps with a checkpoint (simulates preemption).")
+    @click.option("--verify", is_flag=True, help="Check every shard image's sha256 against index.parquet first.")
     @one_line_errors
-    def cli(params_path: str, stop_after: Optional[int], **kw) -> None:
-        metrics = train_classifier(load_params(params_path), kind, kw.get("init"), stop_after)
+    def cli(params_path: str, stop_after: Optional[int], verify: bool, **kw) -> None:
+        metrics = train_classifier(load_params(params_path), kind, kw.get("init"), stop_after, verify)
         click.echo(json.dumps(metrics, sort_keys=True))
 
     if kind == "finetune":

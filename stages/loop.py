@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from model.engine import Dist, Stepper, all_mean
-from model.train_state import latest_checkpoint, load_train_state, save_train_state
+from model.checkpoints import UnreadableCheckpoint
+from model.train_state import complete_checkpoints, load_train_state, save_train_state
 from pipeline.fingerprint import stable_hash
 from stages.config import ConfigError, LoopConfig
 from stages.metrics import TsvLog
@@ -81,13 +82,33 @@ class FitResult:
     stopped_at: Optional[int] = None  # set when `stop_after` interrupted the run
 
 
-def resume(run_dir: Path, stepper: Stepper) -> tuple[int, int, int]:
-    """(step, epoch, step within epoch) of the newest complete checkpoint, or zeros."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return 0, 0, 0
-    state = load_train_state(ckpt, stepper.model, stepper.optimizer, stepper.scaler)
-    return state["step"], state["extra"]["epoch"], state["extra"]["in_epoch"]
+def resume(run_dir: Path, stepper: Stepper, warn: bool = True) -> tuple[int, int, int, dict]:
+    """(step, epoch, step within epoch, last logged row) of the newest readable complete
+    checkpoint, or zeros and {}.
+
+    A damaged newest checkpoint (truncated copy, disk error) falls back to the one before it,
+    with a warning line, rather than stopping: resume is exact from any checkpoint, so the
+    run ends with the same weights and only the steps in between are recomputed, and
+    save_train_state keeps two for this. When none is readable it stops with one line naming
+    the newest and saying to delete the run folder: silently starting over from step 0 could
+    throw away hours of work."""
+    bad: list[UnreadableCheckpoint] = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        try:
+            state = load_train_state(ckpt, stepper.model, stepper.optimizer, stepper.scaler)
+        except UnreadableCheckpoint as err:
+            bad.append(err)
+            continue
+        if bad and warn:
+            click.echo(f"warning: {bad[0].path}: unreadable checkpoint ({bad[0].why}); resuming from "
+                       f"{ckpt.name} instead (the run ends the same; delete {bad[0].path.name} to silence this)", err=True)
+        extra = state["extra"]
+        return state["step"], extra["epoch"], extra["in_epoch"], extra.get("last", {})
+    if bad:
+        older = f" and {len(bad) - 1} older one(s)" if len(bad) > 1 else ""
+        raise UnreadableCheckpoint(f"{bad[0].path}: unreadable checkpoint ({bad[0].why}){older}, nothing older "
+                                   f"to resume from; delete {run_dir} to start the run over")
+    return 0, 0, 0, {}
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -102,10 +123,12 @@ def require_finite(stats: dict, step: int, section: str) -> None:
 
 
 def checkpoint(run_dir: Path, step: int, stepper: Stepper, env: Dist, epoch: int,
-               in_epoch: int, epoch_len: int) -> None:
-    """Save on rank 0 (data position: the next step's epoch and offset), then sync ranks."""
+               in_epoch: int, epoch_len: int, last: dict) -> None:
+    """Save on rank 0 (data position: the next step's epoch and offset; the last logged row,
+    so a run resumed at its end still reports it exactly), then sync ranks."""
     done_epoch = in_epoch == epoch_len
-    extra = {"epoch": epoch + 1 if done_epoch else epoch, "in_epoch": 0 if done_epoch else in_epoch}
+    extra = {"epoch": epoch + 1 if done_epoch else epoch, "in_epoch": 0 if done_epoch else in_epoch,
+             "last": last}
     if env.main:
         save_train_state(run_dir, step, stepper.model, stepper.optimizer, stepper.scaler, extra)
     if env.world > 1:
@@ -115,48 +138,46 @@ def checkpoint(run_dir: Path, step: int, stepper: Stepper, env: Dist, epoch: int
 def fit(task: Task, stepper: Stepper, plan: StepPlan, loop: LoopConfig, run_dir: Path, env: Dist,
         seed: int, stop_after: Optional[int] = None, header: str = "") -> FitResult:
     """Train `stepper.model` through `plan`, resuming from `run_dir`; see the module docstring."""
-    step, epoch, in_epoch = resume(run_dir, stepper)
+    step, epoch, in_epoch, last = resume(run_dir, stepper, warn=env.main)
     total, accum = plan.total, loop.accum_steps
     log = TsvLog(run_dir / "log.tsv", list(task.columns)) if env.main else None
     if log is not None:
         log.truncate_after(step)
         click.echo(f"{task.name}: {header}{total} steps, run dir {run_dir}"
                    + (f", resumed at step {step}" if step else ""))
-    bar = tqdm(total=total, initial=step, unit="step", disable=not env.main, smoothing=0.05)
-    last: dict = {}
     scores: dict = {}
     t0, seen = time.perf_counter(), 0
-    while epoch < loop.epochs:
-        it = task.batches(epoch, in_epoch * accum)
-        while in_epoch < plan.steps[epoch]:
-            micro = [task.prepare(next(it), step, j) for j in range(accum)]
-            seed_step(seed, step, env.rank)
-            lr = stepper.set_lr(step, total, plan.warmup)
-            stats = stepper.step(micro, task.loss)
-            step, in_epoch, seen = step + 1, in_epoch + 1, seen + loop.batch_size
-            require_finite(stats, step, task.name)
-            if step % loop.log_every == 0 or step == total:
-                stats = all_mean(stats, env)
-                last = {"step": step, "epoch": epoch, "lr": lr,
-                        "img_per_s": seen / (time.perf_counter() - t0), **stats}
-                if log is not None:
-                    log.append(last)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("loss", "acc")}
-                                | {"img_s": f"{last['img_per_s']:.0f}"})
-            bar.update(1)
-            done_epoch = in_epoch == plan.steps[epoch]
-            if done_epoch and task.evaluate is not None:
-                # before the checkpoint, so a resumed run never skips an evaluation
-                scores = task.evaluate(epoch == loop.epochs - 1)
-                if log is not None:
-                    log.append({"step": step, "epoch": epoch, **scores})
-                    bar.write(f"{task.name} epoch {epoch + 1}/{loop.epochs}: "
-                              + " ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
-            if step % loop.checkpoint_every == 0 or step == stop_after or (done_epoch and step < total):
-                checkpoint(run_dir, step, stepper, env, epoch, in_epoch, plan.steps[epoch])
-            if stop_after is not None and step >= stop_after and step < total:
-                bar.close()
-                return FitResult(last, scores, stopped_at=step)
-        epoch, in_epoch = epoch + 1, 0
-    bar.close()
+    # closed on the way out, an error included, so the error's line starts on a line of its own
+    with tqdm(total=total, initial=step, unit="step", disable=not env.main, smoothing=0.05) as bar:
+        while epoch < loop.epochs:
+            it = task.batches(epoch, in_epoch * accum)
+            while in_epoch < plan.steps[epoch]:
+                micro = [task.prepare(next(it), step, j) for j in range(accum)]
+                seed_step(seed, step, env.rank)
+                lr = stepper.set_lr(step, total, plan.warmup)
+                stats = stepper.step(micro, task.loss)
+                step, in_epoch, seen = step + 1, in_epoch + 1, seen + loop.batch_size
+                require_finite(stats, step, task.name)
+                if step % loop.log_every == 0 or step == total:
+                    stats = all_mean(stats, env)
+                    last = {"step": step, "epoch": epoch, "lr": lr,
+                            "img_per_s": seen / (time.perf_counter() - t0), **stats}
+                    if log is not None:
+                        log.append(last)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("loss", "acc")}
+                                    | {"img_s": f"{last['img_per_s']:.0f}"})
+                bar.update(1)
+                done_epoch = in_epoch == plan.steps[epoch]
+                if done_epoch and task.evaluate is not None:
+                    # before the checkpoint, so a resumed run never skips an evaluation
+                    scores = task.evaluate(epoch == loop.epochs - 1)
+                    if log is not None:
+                        log.append({"step": step, "epoch": epoch, **scores})
+                        bar.write(f"{task.name} epoch {epoch + 1}/{loop.epochs}: "
+                                  + " ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+                if step % loop.checkpoint_every == 0 or step == stop_after or (done_epoch and step < total):
+                    checkpoint(run_dir, step, stepper, env, epoch, in_epoch, plan.steps[epoch], last)
+                if stop_after is not None and step >= stop_after and step < total:
+                    return FitResult(last, scores, stopped_at=step)
+            epoch, in_epoch = epoch + 1, 0
     return FitResult(last, scores)

@@ -82,21 +82,22 @@ def evaluate(model, dataset: MIMDataset, batch_size: int, env: Dist, max_batches
     return all_mean(out, env) if n else {}
 
 
-def pretrain(params: Params, stop_after: Optional[int] = None) -> dict:
+def pretrain(params: Params, stop_after: Optional[int] = None, verify: bool = False) -> dict:
     """Train; returns the final metrics (or {"stopped_at": step} when `stop_after`
-    interrupts it, leaving a checkpoint to resume from)."""
+    interrupts it, leaving a checkpoint to resume from). `verify`: check every shard
+    image's sha256 first (the tar sizes are always checked)."""
     env = setup_distributed(params.pretrain.loop.device)
     try:
-        return run(params, env, stop_after)
+        return run(params, env, stop_after, verify)
     finally:
         teardown_distributed()
 
 
-def run(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
+def run(params: Params, env: Dist, stop_after: Optional[int], verify: bool = False) -> dict:
     cfg, out = params.pretrain, params.outputs
     shards, fmt = Path(out.shards), params.tokenize.format
-    train = open_split(shards / params.data.train_split, store_path(out.tokens, params.data.train_split, fmt))
-    held = open_split(shards / params.data.eval_split, store_path(out.tokens, params.data.eval_split, fmt))
+    train = open_split(shards / params.data.train_split, store_path(out.tokens, params.data.train_split, fmt), verify)
+    held = open_split(shards / params.data.eval_split, store_path(out.tokens, params.data.eval_split, fmt), verify)
     spec = open_tokens(train.token_path).spec
     model = build_model(params, spec.vocab_size, spec.grid)
     masks = MaskGenerator(model.config.grid, params.mask)
@@ -140,10 +141,11 @@ def run(params: Params, env: Dist, stop_after: Optional[int]) -> dict:
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--stop-after", type=int, default=None,
               help="Stop after this many steps with a checkpoint (simulates preemption).")
+@click.option("--verify", is_flag=True, help="Check every shard image's sha256 against index.parquet first.")
 @one_line_errors
-def cli(params_path: str, stop_after: Optional[int]) -> None:
+def cli(params_path: str, stop_after: Optional[int], verify: bool) -> None:
     """Pretrain the BEiT encoder with masked image modeling."""
-    metrics = pretrain(load_params(params_path), stop_after)
+    metrics = pretrain(load_params(params_path), stop_after, verify)
     click.echo(json.dumps(metrics, sort_keys=True))
 
 

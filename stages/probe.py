@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from model.beit import check_pretrained
 from model.checkpoints import WEIGHTS
 from model.classifier import BeitClassifier
 from model.engine import setup_distributed
@@ -65,15 +66,18 @@ def extract_pixels(split: LabelledSplit, image_size: int, batch_size: int, num_w
     return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
-def cached_features(params: Params, split_name: str, fraction: float, pixels: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_features(params: Params, split_name: str, fraction: float, pixels: bool = False,
+                    verify: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of `split_name` (stratified `fraction` of it), computed once per fingerprint.
-    pixels=True: the raw-pixel reference instead of the pretrained encoder's features."""
+    pixels=True: the raw-pixel reference instead of the pretrained encoder's features.
+    verify: check every shard image's sha256 first (the tar sizes are always checked)."""
     cfg = params.probe
     ckpt = Path(params.outputs.pretrain.dir)
     if not pixels and not (ckpt / WEIGHTS).exists():
         raise FileNotFoundError(f"{ckpt}: no pretrained checkpoint; run `beit pretrain` (or `dvc repro pretrain`)")
-    split = open_labelled(Path(params.outputs.shards) / split_name, fraction, params.seed)
+    if not pixels:  # before the feature cache: a cached result of another encoder is no answer either
+        check_pretrained(ckpt, model=params.model, image_size=params.data.image_size)
+    split = open_labelled(Path(params.outputs.shards) / split_name, fraction, params.seed, verify=verify)
     source = {"pixels": True} if pixels else {"ckpt": file_fingerprint(ckpt / WEIGHTS), "block": cfg.block}
     fp = json_fingerprint({**source, "split": split.fingerprint, "image_size": params.data.image_size})
     path = Path(params.outputs.runs) / f"features-{fp}" / f"{split_name}.safetensors"
@@ -141,19 +145,19 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
     return torch.cat(out)  # [M, K]
 
 
-def _data(params: Params, pixels: bool = False):
+def _data(params: Params, pixels: bool = False, verify: bool = False):
     p = params.probe
     fraction = params.finetune.label_fraction if p.train_fraction is None else p.train_fraction
-    train_x, train_y = cached_features(params, params.data.train_split, fraction, pixels)
-    test_x, test_y = cached_features(params, params.data.eval_split, 1.0, pixels)
+    train_x, train_y = cached_features(params, params.data.train_split, fraction, pixels, verify)
+    test_x, test_y = cached_features(params, params.data.eval_split, 1.0, pixels, verify)
     classes = open_labelled(Path(params.outputs.shards) / params.data.train_split).num_classes
     return train_x, train_y, test_x, test_y, classes
 
 
-def _fit_linear(params: Params, pixels: bool) -> tuple[dict, dict, int, int, int]:
+def _fit_linear(params: Params, pixels: bool, verify: bool = False) -> tuple[dict, dict, int, int, int]:
     """-> (test top-k, train top-k, train size, eval size, feature dim)."""
     p = params.probe
-    train_x, train_y, test_x, test_y, classes = _data(params, pixels)
+    train_x, train_y, test_x, test_y, classes = _data(params, pixels, verify)
     linear, mean, std = train_linear(train_x, train_y, classes, p.epochs, p.lr, p.weight_decay,
                                      p.linear_batch_size, params.seed)
     with torch.no_grad():
@@ -162,9 +166,9 @@ def _fit_linear(params: Params, pixels: bool) -> tuple[dict, dict, int, int, int
     return test, train, len(train_x), len(test_x), train_x.shape[1]
 
 
-def linear_probe(params: Params) -> dict:
+def linear_probe(params: Params, verify: bool = False) -> dict:
     p = params.probe
-    test, train, n_train, n_eval, dim = _fit_linear(params, pixels=False)
+    test, train, n_train, n_eval, dim = _fit_linear(params, pixels=False, verify=verify)
     metrics = {**test, "train_top1": train["top1"], "block": p.block or "last",
                "train_samples": n_train, "eval_samples": n_eval, "feature_dim": dim}
     if p.pixel_reference:
@@ -173,16 +177,16 @@ def linear_probe(params: Params) -> dict:
     return metrics
 
 
-def _knn_top(params: Params, pixels: bool) -> tuple[dict, int, int]:
+def _knn_top(params: Params, pixels: bool, verify: bool = False) -> tuple[dict, int, int]:
     p = params.probe
-    train_x, train_y, test_x, test_y, classes = _data(params, pixels)
+    train_x, train_y, test_x, test_y, classes = _data(params, pixels, verify)
     scores = knn_scores(train_x, train_y, test_x, classes, p.knn_k, p.knn_temperature)
     return topk_accuracy(scores, test_y), len(train_x), len(test_x)
 
 
-def knn(params: Params) -> dict:
+def knn(params: Params, verify: bool = False) -> dict:
     p = params.probe
-    top, n_train, n_eval = _knn_top(params, pixels=False)
+    top, n_train, n_eval = _knn_top(params, pixels=False, verify=verify)
     metrics = {**top, "k": p.knn_k, "temperature": p.knn_temperature,
                "vote": "temperature-weighted (DINO)", "block": p.block or "last",
                "train_samples": n_train, "eval_samples": n_eval}
@@ -195,9 +199,10 @@ def knn(params: Params) -> dict:
 def _cli(fn, name: str, help_text: str):
     @click.command(name=name, help=help_text)
     @click.option("--params", "params_path", default="params.yaml", show_default=True)
+    @click.option("--verify", is_flag=True, help="Check every shard image's sha256 against index.parquet first.")
     @one_line_errors
-    def command(params_path: str) -> None:
-        metrics = fn(load_params(params_path))
+    def command(params_path: str, verify: bool) -> None:
+        metrics = fn(load_params(params_path), verify)
         click.echo(json.dumps(metrics, sort_keys=True))
 
     return command

@@ -306,17 +306,24 @@ def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours = [(label, _pct(metrics.get(name), "top1")) for label, name in
-            (("fine-tune", "finetune"), ("scratch", "scratch"), ("linear probe", "linear_probe"), ("kNN", "knn"))]
+    # Learned numbers beside the floor they must clear: the same probes fit on raw pixels.
+    ours = [(label, _pct(metrics.get(name), key), colour) for label, name, key, colour in (
+        ("fine-tune", "finetune", "top1", "C0"), ("scratch", "scratch", "top1", "C1"),
+        ("linear\nprobe", "linear_probe", "top1", "C2"), ("linear probe\non pixels", "linear_probe", "pixels_top1", "C7"),
+        ("kNN", "knn", "top1", "C3"), ("kNN on\npixels", "knn", "pixels_top1", "C7"))]
     exps = [r for r in (experiments or []) if r["finetune_top1"] is not None]
     show_exps = any(r["kind"] == "experiment" for r in exps)
-    fig, axes = plt.subplots(1, 3 if show_exps else 2, figsize=(15 if show_exps else 10.5, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if show_exps else 2, figsize=(16 if show_exps else 12, 4.4), squeeze=False)
     ax = axes[0][0]
     xs = range(len(ours))
-    ax.bar(xs, [v or 0.0 for _, v in ours], color=["C0", "C1", "C2", "C3"])
-    for x, (_, v) in zip(xs, ours):
+    ax.bar(xs, [v or 0.0 for _, v, _ in ours], color=[c for _, _, c in ours])
+    for x, (_, v, _) in zip(xs, ours):
         ax.text(x, (v or 0.0) + 1, "not run" if v is None else f"{v:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [l for l, _ in ours])
+    floor = max((v for label, v, _ in ours if "pixels" in label and v is not None), default=None)
+    if floor is not None:
+        ax.axhline(floor, color="C7", ls="--", lw=1, label=f"raw-pixel floor {floor:.1f}")
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_xticks(list(xs), [l for l, _, _ in ours], fontsize=7)
     ax.set_ylim(0, 105)
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"this run: {context.get('model')} on {context.get('source')}", fontsize=10)

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.dask_runner import dask_client, run_per_shard, worker_device
 from pipeline.fingerprint import index_fingerprint, json_fingerprint
-from pipeline.shardread import index_file, read_index, shard_keys
+from pipeline.shardread import check_shards, index_file, read_index, shard_keys
 from pipeline.tokenize import tokenize_shard
 from pipeline.tokens import StoreSpec, TokenStoreMismatch, create_or_open, store_path, write_index
 from pipeline.schema import ViewConfig
@@ -61,12 +61,13 @@ def _task(s: int, *, shard_dir: str, token_out: str, split: str, fmt: str, spec:
     return {"shard": s, "images": len(out_keys), "seconds": time.perf_counter() - start}
 
 
-def tokenize(params: Params, split: str, replace_stale: bool = False) -> dict:
+def tokenize(params: Params, split: str, replace_stale: bool = False, verify: bool = False) -> dict:
     """Tokenize every shard of `split` not yet done with the tokenizer in
     outputs.tokenizer.dir, on tokenize.cluster; returns a summary.
 
     An existing store built from other shards/tokenizer/views is an error, or,
-    with `replace_stale` (what `dvc repro` uses), deleted and rebuilt."""
+    with `replace_stale` (what `dvc repro` uses), deleted and rebuilt. The shards are
+    checked first (`check_shards`; every image's sha256 with `verify`)."""
     cfg: TokenizeConfig = params.tokenize
     cluster, out = cfg.cluster, params.outputs.tokens
     tokenizer_path = params.outputs.tokenizer.dir
@@ -77,6 +78,7 @@ def tokenize(params: Params, split: str, replace_stale: bool = False) -> dict:
     index = index_file(shard_dir)
     keys_by_shard = shard_keys(read_index(index, ["key", "shard"]))
     shards = list(keys_by_shard)
+    check_shards(shard_dir, shards, verify)
 
     tok = _tokenizer(str(tokenizer_path), "cpu")  # metadata only; workers load their own copy
     if tok.vocab_size > np.iinfo(np.uint16).max + 1:
@@ -125,9 +127,10 @@ def tokenize(params: Params, split: str, replace_stale: bool = False) -> dict:
 @click.option("--scheduler", help="Override tokenize.cluster.scheduler (tcp://host:8786).")
 @click.option("--replace-stale", is_flag=True,
               help="Rebuild a store made from other shards/tokenizer/views instead of failing.")
+@click.option("--verify", is_flag=True, help="Check every image's sha256 against index.parquet first.")
 @one_line_errors
 def cli(params_path: str, splits: tuple[str, ...], tokenizer_path: Optional[str], workers: Optional[int],
-        scheduler: Optional[str], replace_stale: bool) -> None:
+        scheduler: Optional[str], replace_stale: bool, verify: bool) -> None:
     """Precompute visual tokens for every image view into <outputs.tokens>/<split>.zarr."""
     params = load_params(params_path)
     cluster = dataclasses.replace(params.tokenize.cluster, **{k: v for k, v in
@@ -138,5 +141,5 @@ def cli(params_path: str, splits: tuple[str, ...], tokenizer_path: Optional[str]
     params = dataclasses.replace(params, outputs=outputs,
                                  tokenize=dataclasses.replace(params.tokenize, cluster=cluster))
     for split in splits or params.data.splits:
-        summary = tokenize(params, split, replace_stale)
+        summary = tokenize(params, split, replace_stale, verify)
         click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))

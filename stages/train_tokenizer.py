@@ -172,17 +172,27 @@ def write_curve(params: Params, rows: list[dict], title: str) -> None:
     plot_curves(paths.curve, paths.figure, ["mse", "codes_in_batch", "temperature"], title)
 
 
-def train_tokenizer(params: Params, progress: bool = True) -> dict:
-    """The stage: writes outputs.tokenizer (dir, metrics, curve, figure, recon); returns the metrics."""
+def check_splits(params: Params, verify: bool) -> None:
+    """Both splits' tars (sizes; sha256 with `verify`) before any work: the eval split is
+    otherwise first opened after training."""
+    for split in (params.data.train_split, params.data.eval_split):
+        open_labelled(Path(params.outputs.shards) / split, verify=verify)
+
+
+def train_tokenizer(params: Params, progress: bool = True, verify: bool = False) -> dict:
+    """The stage: writes outputs.tokenizer (dir, metrics, curve, figure, recon); returns the metrics.
+    `verify`: check every shard image's sha256 first (the tar sizes are always checked)."""
     cfg, paths = params.tokenizer, params.outputs.tokenizer
     out = Path(paths.dir)
     t0 = time.perf_counter()
     device = _device(cfg.device)
     if cfg.kind == "dalle":
         tok = adopt_dalle(cfg.dalle_path, out).to(device)
+        check_splits(params, verify)
         rows, extra = [], {"kind": "dalle", "steps": 0}
         title = f"DALL-E tokenizer from {cfg.dalle_path} (not trained here)"
     else:
+        check_splits(params, verify)
         model, rows = train_own(params, device, progress)
         with atomic_dir(out) as tmp:
             save_tokenizer(model, cfg.model, tmp)
@@ -203,11 +213,12 @@ def train_tokenizer(params: Params, progress: bool = True) -> dict:
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--steps", type=int, default=None, help="Override tokenizer.steps (quick trials).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option("--verify", is_flag=True, help="Check every shard image's sha256 against index.parquet first.")
 @one_line_errors
-def cli(params_path: str, steps: Optional[int], progress: bool) -> None:
+def cli(params_path: str, steps: Optional[int], progress: bool, verify: bool) -> None:
     """Train the dVAE tokenizer (or adopt a converted DALL-E one) into outputs.tokenizer.dir."""
     params = load_params(params_path)
     if steps is not None:
         params = dataclasses.replace(params, tokenizer=dataclasses.replace(params.tokenizer, steps=steps))
-    metrics = train_tokenizer(params, progress)
+    metrics = train_tokenizer(params, progress, verify)
     click.echo(json.dumps(metrics, sort_keys=True))

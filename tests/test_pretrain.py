@@ -153,3 +153,17 @@ def _ddp_entry(rank, world, port, out):
         return x
     torch.rand = fixed_rand
     _train(rank, world, port, out)
+
+
+def test_rerun_of_a_finished_run_reports_the_same_metrics(world):
+    """Resumed at the last step (its checkpoint exists), nothing is left to train: the
+    metrics still report the logged last step, not a null train loss."""
+    tmp, params = world
+    p = with_paths(params, tmp / "again")
+    p = dataclasses.replace(p, pretrain=dataclasses.replace(
+        p.pretrain, loop=dataclasses.replace(p.pretrain.loop, checkpoint_every=7)))  # 14 steps: one at the end
+    first = pretrain(p)
+    again = pretrain(p)
+    assert again["train_loss"] is not None
+    for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "steps"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6), key

@@ -140,7 +140,7 @@ def test_resume_after_exception_keeps_finished_shards(tmp_path, photo, monkeypat
         run(tmp_path / "src", tmp_path / "out")
     monkeypatch.setattr(shardwrite, "prepare", real)
     out = tmp_path / "out" / "train"
-    assert (out / "train-000002.tar.tmp").exists() and not (out / "train-000002.tar").exists()
+    assert not (out / "train-000002.tar").exists() and not list(out.glob("*.tmp"))  # the failing shard: removed
     assert not (out / "index.parquet").exists()
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
     assert sorted(before) == ["train-000000.tar", "train-000001.tar"]
@@ -312,12 +312,14 @@ def test_failed_publish_surfaces_and_leaves_shard_incomplete(tmp_path, photo, mo
         return real(fd)
 
     monkeypatch.setattr(shardwrite.os, "fsync", failing)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(OSError, match="Input/output") as info:
         run(tmp_path / "src", tmp_path / "out")
     monkeypatch.setattr(shardwrite.os, "fsync", real)
     out = tmp_path / "out" / "train"
+    assert info.value.filename == str(out / "train-000001.tar")  # the one-line error names it
     assert (out / "train-000000.stats.json").exists() and (out / "train-000000.tar").exists()
     assert not (out / "train-000001.stats.json").exists() and not (out / "index.parquet").exists()
+    assert not (out / "train-000001.tar").exists() and not list(out.glob("*.tmp"))  # nothing of it is left
     summary = run(tmp_path / "src", tmp_path / "out")
     assert summary.shards_written == 3
     assert tars(out) == tars(tmp_path / "ref" / "train") and not list(out.glob("*.tmp"))
