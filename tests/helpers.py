@@ -90,3 +90,28 @@ def mim_world(tmp: Path):
     make_shards(tmp, params)
     fake_tokens(params, "train")
     return tmp, params, open_split(tmp / "shards/train", store_path(tmp / "tokens", "train", "zarr"))
+
+
+def save_stand_in_encoder(params: Params, seed: int = 1, **overrides) -> Path:
+    """A random BEiT encoder saved where `beit pretrain` saves its model (what finetune and the
+    probes read); another seed than scratch's, so the two inits differ."""
+    import dataclasses
+
+    from model.beit import create_model
+    from model.checkpoints import save_checkpoint
+
+    torch.manual_seed(seed)
+    mim = create_model(params.model, **overrides)
+    return save_checkpoint(params.outputs.pretrain.dir, mim.state_dict(),
+                           {"model": params.model, **dataclasses.asdict(mim.config)})
+
+
+def save_tiny_tokenizer(path, seed: int = 0):
+    """A random 32 px -> 8x8, 64-code dVAE saved as a tokenizer folder."""
+    from model.dvae import DVAE
+    from model.schema import DVAEConfig
+    from model.tokenizer import save_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = DVAEConfig(image_size=32, vocab_size=64, downsample=4, hidden=8)
+    return save_tokenizer(DVAE(cfg).eval(), cfg, path)

@@ -8,7 +8,6 @@ further seeded delay. Run alone with `pytest -m faults`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -26,12 +25,8 @@ import yaml
 import zarr
 from safetensors.torch import load_file
 
-from helpers import fake_tokens, make_shards, merge, tiny_raw
-from model.beit import create_model
-from model.checkpoints import save_checkpoint
-from model.dvae import DVAE
-from model.schema import DVAEConfig
-from model.tokenizer import load_tokenizer, save_tokenizer
+from helpers import fake_tokens, make_shards, merge, save_stand_in_encoder, save_tiny_tokenizer, tiny_raw
+from model.tokenizer import load_tokenizer
 from stages.config import Params, from_dict
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -55,12 +50,8 @@ def world(tmp_path_factory):
     make_shards(tmp, params, n_train=400, n_test=40)
     for split in ("train", "test"):
         fake_tokens(params, split)
-    torch.manual_seed(1)
-    mim = create_model(params.model)
-    save_checkpoint(params.outputs.pretrain.dir, mim.state_dict(), {"model": params.model, **dataclasses.asdict(mim.config)})
-    torch.manual_seed(0)
-    cfg = DVAEConfig(image_size=32, vocab_size=64, downsample=4, hidden=8)
-    save_tokenizer(DVAE(cfg).eval(), cfg, params.outputs.tokenizer.dir)
+    save_stand_in_encoder(params)
+    save_tiny_tokenizer(params.outputs.tokenizer.dir)
     return tmp, raw
 
 

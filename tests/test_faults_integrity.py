@@ -19,12 +19,9 @@ import zarr
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import make_shards, tiny_params
+from helpers import make_shards, save_tiny_tokenizer, tiny_params
 from model.beit import create_model
 from model.checkpoints import UnreadableCheckpoint, save_checkpoint
-from model.dvae import DVAE
-from model.schema import DVAEConfig
-from model.tokenizer import save_tokenizer
 from pipeline.classify import ClassifyDataset, open_labelled
 from pipeline.mim import open_split
 from pipeline.schema import LoaderConfig
@@ -52,9 +49,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     params = params_at(root)
     make_shards(root, params, n_train=120, n_test=40)
-    torch.manual_seed(0)
-    cfg = DVAEConfig(image_size=32, vocab_size=64, downsample=4, hidden=8)
-    save_tokenizer(DVAE(cfg).eval(), cfg, params.outputs.tokenizer.dir)
+    save_tiny_tokenizer(params.outputs.tokenizer.dir)
     for split in ("train", "test"):
         tokenize(params, split)
     return root

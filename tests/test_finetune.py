@@ -1,16 +1,13 @@
 """Fine-tune / scratch stage: end to end on the tiny fixture, resume equality, init-only difference."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import make_shards, tiny_params
-from model.beit import create_model
-from model.checkpoints import save_checkpoint
+from helpers import make_shards, save_stand_in_encoder, tiny_params
 from model.classifier import load_classifier
 from model.optim import param_groups
 from stages.finetune import build_classifier, finetune
@@ -34,10 +31,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     params = tiny_params(tmp)
     make_shards(tmp, params, n_train=120, n_test=40)
-    torch.manual_seed(1)
-    mim = create_model(params.model)  # a stand-in "pretrained" encoder (other seed than scratch)
-    save_checkpoint(params.outputs.pretrain.dir, mim.state_dict(),
-                    {"model": params.model, **dataclasses.asdict(mim.config)})
+    save_stand_in_encoder(params)
     return tmp
 
 

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import make_shards, tiny_params
-from model.beit import create_model
-from model.checkpoints import save_checkpoint
+from helpers import make_shards, save_stand_in_encoder, tiny_params
 from pipeline.classify import open_labelled
 from stages.probe import knn, knn_scores, linear_probe, topk_accuracy, train_linear
 
@@ -51,9 +49,7 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
                          outputs={"runs": str(tmp_path / "runs"), "linear_probe": {"metrics": "metrics/linear_probe.json"},
                                   "knn": {"metrics": "metrics/knn.json"}})
     make_shards(tmp_path, params, n_train=80, n_test=30)
-    torch.manual_seed(0)
-    mim = create_model(params.model, depth=2)
-    save_checkpoint(params.outputs.pretrain.dir, mim.state_dict(), {"model": params.model, **dataclasses.asdict(mim.config)})
+    save_stand_in_encoder(params, seed=0, depth=2)
     monkeypatch.chdir(tmp_path)
     lp = linear_probe(params)
     cache = sorted((tmp_path / "runs").glob("features-*/*.safetensors"))

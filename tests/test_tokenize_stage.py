@@ -5,23 +5,16 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from click.testing import CliRunner
 
-from helpers import make_shards, tiny_params
-from model.dvae import DVAE
-from model.schema import DVAEConfig
-from model.tokenizer import load_tokenizer, save_tokenizer
+from helpers import make_shards, save_tiny_tokenizer, tiny_params
+from model.tokenizer import load_tokenizer
 from pipeline.mim import open_split
 from pipeline.tokens import TokenStoreMismatch, open_tokens, store_path
 from stages.tokenize import tokenize
 
 
-def make_tokenizer(path, seed=0):
-    torch.manual_seed(seed)
-    cfg = DVAEConfig(image_size=32, vocab_size=64, downsample=4, hidden=8)
-    return save_tokenizer(DVAE(cfg).eval(), cfg, path)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +22,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tokenize")
     params = tiny_params(tmp)
     make_shards(tmp, params, n_train=100, n_test=20)
-    make_tokenizer(tmp / "tok")
+    save_tiny_tokenizer(tmp / "tok")
     return tmp, params
 
 
@@ -111,7 +104,7 @@ def test_changed_tokenizer_is_an_error_or_a_clean_rebuild(setup):
     tmp, params = setup
     p = with_out(params, tmp / "stale", tmp / "tok", workers=0)
     tokenize(p, "test")
-    make_tokenizer(tmp / "tok2", seed=1)
+    save_tiny_tokenizer(tmp / "tok2", seed=1)
     p2 = with_out(p, tmp / "stale", tmp / "tok2")
     with pytest.raises(TokenStoreMismatch, match="fingerprints.tokenizer"):
         tokenize(p2, "test")
