@@ -177,6 +177,15 @@ class BeitMIM(nn.Module):
         x = torch.einsum("bcipjq->bijpqc", x)  # [B, h, w, P, P, C]
         return x.reshape(B, h * w, p * p * C)  # [B, N, P*P*C]
 
+    def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The LM head's output at the masked positions: images [B, C, H, W], mask bool [B, N]
+        -> [M, V] token logits (or [M, P*P*C] pixels), rows in row-major (b, n) order."""
+        x = self.forward_encoder(images, mask)  # [B, 1+N, D]
+        x = x[:, 1:][mask]  # [M, D]: masked positions only
+        if x.shape[0] == 0:
+            raise ValueError("mask has no masked positions: the loss would be NaN (mean over nothing)")
+        return self.lm_head(x)  # [M, V] or [M, P*P*C]
+
     def forward_loss(
         self, images: torch.Tensor, mask: torch.Tensor, targets: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -191,12 +200,8 @@ class BeitMIM(nn.Module):
         c = self.config
         B = images.shape[0]
         mask = mask.reshape(B, -1).to(torch.bool)  # [B, N]
-        x = self.forward_encoder(images, mask)  # [B, 1+N, D]
-        x = x[:, 1:][mask]  # [M, D]: masked positions only, row-major over (b, n)
-        if x.shape[0] == 0:
-            raise ValueError("mask has no masked positions: the loss would be NaN (mean over nothing)")
-        out = self.lm_head(x)  # [M, V] or [M, P*P*C]
-        num_masked = torch.tensor(x.shape[0], device=x.device)
+        out = self.predict(images, mask)  # [M, V] or [M, P*P*C]
+        num_masked = torch.tensor(out.shape[0], device=out.device)
         if c.target == "tokens":
             if targets is None or tuple(targets.shape) != (B, *c.grid):
                 shape = None if targets is None else tuple(targets.shape)

@@ -147,3 +147,29 @@ def evaluate_dvae(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor
         raise ValueError("evaluate_dvae: no images")
     out = {"codebook_usage": int((counts > 0).sum()) / V, "perplexity": _counts_perplexity(counts)}
     return {"recon_mse": sq / n, **out} if recon else out
+
+
+@torch.no_grad()
+def recon_floors(images: Iterable[torch.Tensor], patch: int) -> dict:
+    """What a tokenizer's reconstruction must beat, on the same held-out images (float
+    [B,3,S,S] in [0,1]), with `patch` = pixels per token cell:
+
+    patch_mean_mse   each cell replaced by its mean colour (a "tokenizer" with one code per colour)
+    avgpool_mse      patch x patch average pooling, bicubic upsampling back (clamped to [0, 1])
+    background_share cells that are all black (every pixel below half a grey level)
+    """
+    sq_mean, sq_pool, n, cells, black = 0.0, 0.0, 0, 0, 0
+    for x in images:
+        x = x.float()
+        pooled = F.avg_pool2d(x, patch)  # [B,3,h,w]
+        flat = F.interpolate(pooled, scale_factor=patch, mode="nearest")  # [B,3,S,S]
+        smooth = F.interpolate(pooled, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        sq_mean += F.mse_loss(flat, x, reduction="sum").item()
+        sq_pool += F.mse_loss(smooth, x, reduction="sum").item()
+        n += x.numel()
+        dark = F.max_pool2d(x.amax(1, keepdim=True), patch) < 0.5 / 255  # [B,1,h,w]
+        cells += dark.numel()
+        black += int(dark.sum())
+    if n == 0:
+        raise ValueError("recon_floors: no images")
+    return {"patch_mean_mse": sq_mean / n, "avgpool_mse": sq_pool / n, "background_share": black / cells}

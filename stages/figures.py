@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     import torch
 
 
-def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path, cols: int = 8) -> Path:
-    """PNG grid: each row pair is `cols` originals over their reconstructions ([N,3,S,S] in [0,1])."""
+def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path, cols: int = 8,
+                    min_width: int = 512) -> Path:
+    """PNG grid: each row pair is `cols` originals over their reconstructions ([N,3,S,S] in [0,1]),
+    enlarged by a whole factor (nearest, every pixel a square) until it is `min_width` px wide:
+    32 px tiles at their own size are too small to read."""
     from PIL import Image  # only needed for pictures
 
     if originals.shape != recons.shape:
@@ -37,6 +40,8 @@ def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | P
             y0 = pad + (2 * r + j) * (s + pad)
             tile = to_hwc(img)  # [3,S,S] -> [S,S,3]
             canvas[y0 : y0 + s, x0 : x0 + s] = tile if c == 3 else tile[..., :1]
+    scale = math.ceil(min_width / canvas.shape[1])
+    canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)  # [H*scale, W*scale, 3]
     with atomic_file(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")
     return Path(path)

@@ -88,11 +88,17 @@ ROWS = [
     ("Frozen features", "raw-pixel linear probe top-1 (%), the floor", "linear_probe", "pixels_top1", "pct", ""),
     ("Frozen features", "raw-pixel kNN top-1 (%), the floor", "knn", "pixels_top1", "pct", ""),
     ("Pretraining", "masked-token accuracy, held out (%)", "pretrain", "eval_acc", "pct", ""),
+    ("Pretraining", "masked-token accuracy on non-background patches (%)", "pretrain", "eval_acc_foreground",
+     "pct", ""),
+    ("Pretraining", "non-background share of masked patches (%)", "pretrain", "eval_foreground_share", "pct", ""),
     ("Pretraining", "MIM loss, held out", "pretrain", "eval_loss", "num", "≈ ln(8192) = 9.01 at init (8192 codes)"),
     ("Pretraining", "MIM loss, last train step", "pretrain", "train_loss", "num", ""),
     ("Tokenizer", "codebook usage (% of codes)", "tokenizer", "codebook_usage", "pct", ""),
     ("Tokenizer", "code perplexity", "tokenizer", "perplexity", "num", ""),
     ("Tokenizer", "reconstruction MSE", "tokenizer", "recon_mse", "num", ""),
+    ("Tokenizer", "floor: patch-mean reconstruction MSE", "tokenizer", "patch_mean_mse", "num", ""),
+    ("Tokenizer", "floor: average-pool + bicubic MSE", "tokenizer", "avgpool_mse", "num", ""),
+    ("Tokenizer", "all-background share of token cells (%)", "tokenizer", "background_share", "pct", ""),
 ]
 
 

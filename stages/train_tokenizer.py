@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from model.dvae import DVAE
-from model.dvae_train import evaluate_dvae, train_dvae
+from model.dvae_train import evaluate_dvae, recon_floors, train_dvae
 from model.tokenizer import CONFIG_NAME, Tokenizer, load_tokenizer, save_tokenizer
 from pipeline.atomic import atomic_dir, atomic_write
 from pipeline.classify import ClassifyDataset, open_labelled
@@ -96,6 +96,7 @@ def score(tok: Tokenizer, params: Params) -> tuple[dict, torch.Tensor, torch.Ten
     has_decoder = getattr(tok.model, "decoder", None) is not None
     batches = heldout_batches(params, tok.input_size)
     metrics = evaluate_dvae(tok.model, batches(), recon=has_decoder)
+    metrics |= recon_floors(batches(), tok.input_size // tok.grid[0])  # what recon_mse must beat
     first = next(batches())[:GRID_IMAGES]
     with torch.inference_mode():
         ids = tok.encode(first)

@@ -88,7 +88,7 @@ def test_training_reduces_recon_error_and_uses_many_codes(tmp_path):
     assert after["recon_mse"] < 0.5 * before["recon_mse"], (before, after)
     assert after["codebook_usage"] * 1024 >= 200 and after["perplexity"] > 100, after
     path = save_recon_grid(held[:8], m.decode(m.encode(held[:8])), tmp_path / "recon.png", cols=4)
-    assert Image.open(path).size == (4 * 34 + 2, 4 * 34 + 2)
+    assert Image.open(path).size == (4 * (4 * 34 + 2), 4 * (4 * 34 + 2))  # enlarged x4 to >= 512 px wide
 
 
 def test_kmeanspp_seeds_one_code_per_cluster():
@@ -134,3 +134,18 @@ def test_load_rejects_weights_that_do_not_match_config(tmp_path):
     assert meta["kind"] == "dvae" and meta["config"]["vocab_size"] == 1024
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_recon_floors_on_images_with_known_answers():
+    from model.dvae_train import recon_floors
+
+    flat = torch.rand(2, 3, 2, 2).repeat_interleave(4, 2).repeat_interleave(4, 3)  # constant 4x4 cells [2,3,8,8]
+    floors = recon_floors([flat], patch=4)
+    assert floors["patch_mean_mse"] == pytest.approx(0.0, abs=1e-12) and floors["background_share"] == 0.0
+    half = torch.zeros(1, 3, 8, 8)
+    half[..., :, 4:] = 1.0  # the right half white, the left half black: 2 of 4 cells background
+    floors = recon_floors([half], patch=4)
+    assert floors["background_share"] == 0.5 and floors["patch_mean_mse"] == pytest.approx(0.0, abs=1e-12)
+    noisy = torch.rand(1, 3, 8, 8)
+    floors = recon_floors([noisy], patch=4)
+    assert floors["patch_mean_mse"] > 0 and floors["avgpool_mse"] > 0

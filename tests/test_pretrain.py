@@ -43,6 +43,7 @@ def test_end_to_end_writes_model_metrics_and_curves(world):
     assert metrics["steps"] == 2 * (120 // 16)
     saved = json.loads((tmp / "e2e/m.json").read_text())
     assert set(saved) >= {"train_loss", "train_acc", "eval_loss", "eval_acc", "img_per_s"}
+    assert 0.0 <= saved["eval_acc_foreground"] <= 1.0 and 0.0 < saved["eval_foreground_share"] <= 1.0
     # fake tokens have 64 levels: loss starts near ln(64) and must have moved down
     rows = (tmp / "e2e/c.tsv").read_text().splitlines()
     first = float(rows[1].split("\t")[3])

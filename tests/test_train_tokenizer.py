@@ -59,7 +59,7 @@ def test_dvae_stage_writes_loadable_tokenizer_metrics_and_pictures(world):
     assert [int(r["step"]) for r in rows] == [2, 4, 6] and all(float(r["mse"]) > 0 for r in rows)
     assert Image.open(cfg.figure).size[0] > 0
     # 16 held-out images, 8 per row: 2 rows of originals over 2 rows of reconstructions, 34 px tiles.
-    assert Image.open(cfg.recon).size == (8 * 34 + 2, 4 * 34 + 2)
+    assert Image.open(cfg.recon).size == (2 * (8 * 34 + 2), 2 * (4 * 34 + 2))  # x2: at least 512 px wide
     out = Path(cfg.dir)
     assert sorted(p.name for p in out.iterdir()) == ["decoder.safetensors", "encoder.safetensors", "tokenizer.json"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
@@ -93,7 +93,7 @@ def test_dalle_kind_copies_the_converted_tokenizer_and_scores_it(world, decoder)
     assert metrics["kind"] == "dalle" and metrics["steps"] == 0 and metrics["grid"] == 4
     assert 0 < metrics["codebook_usage"] <= 1 and metrics["perplexity"] >= 1
     assert ("recon_mse" in metrics) == decoder
-    assert Image.open(params.outputs.tokenizer.recon).size == (8 * 34 + 2, 4 * 34 + 2)  # token map when no decoder
+    assert Image.open(params.outputs.tokenizer.recon).size == (2 * (8 * 34 + 2), 2 * (4 * 34 + 2))  # token map when no decoder
     assert Path(params.outputs.tokenizer.curve).read_text().startswith("step\t")
 
 
