@@ -60,6 +60,10 @@ def build_model(params: Params, vocab_size: int, grid: tuple[int, int]):
     return model
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def mim_loss(net, batch: dict):
     return net(batch["image"], batch["mask"], batch["tokens"])
 
@@ -81,7 +85,7 @@ def evaluate(model, dataset: MIMDataset, batch_size: int, env: Dist, max_batches
     for i, batch in enumerate(batches(dataset, batch_size, num_workers=0, epoch=0)):
         if i >= max_batches:
             break
-        batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, env.device)
         loss, metrics = model(batch["image"], batch["mask"], batch["tokens"])
         for k, v in {"loss": loss, **metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -128,10 +132,7 @@ def run(params: Params, env: Dist, stop_after: Optional[int], verify: bool = Fal
     def micro_batches(epoch: int, skip: int):
         return batches(data, micro, cfg.loader.num_workers, epoch, skip=skip)
 
-    def to_device(batch: dict, step: int, j: int) -> dict:
-        return {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-
-    task = Task("pretrain", COLUMNS, micro_batches, to_device, mim_loss)
+    task = Task("pretrain", COLUMNS, micro_batches, lambda batch, step, j: to_device(batch, env.device), mim_loss)
     header = f"{params.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
     result = fit(task, stepper, plan, cfg.loop, run_dir, env, params.seed, stop_after, header)
     if result.stopped_at is not None:
