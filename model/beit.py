@@ -116,10 +116,13 @@ class BeitMIM(nn.Module):
 
     # ---- init (paper / unilm) ------------------------------------------------
     def _init_weights(self) -> None:
+        # unilm truncates at +-1 std (its own trunc_normal_ wrapper), not timm's +-2 absolute,
+        # which for std 0.02 is no truncation at all. The patch-embedding conv keeps PyTorch's
+        # default init, as in unilm, whose _init_weights touches only Linear and LayerNorm.
         std = self.config.init_std
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=std)
+                trunc_normal_(m.weight, std=std, a=-std, b=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -127,7 +130,7 @@ class BeitMIM(nn.Module):
                 nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
-                trunc_normal_(p, std=std)
+                trunc_normal_(p, std=std, a=-std, b=std)
         # Residual branches add up over depth: shrink each block's output
         # projections by 1/sqrt(2 * layer_id) (layer_id from 1) to keep early
         # training stable, as unilm's fix_init_weight.
@@ -138,8 +141,9 @@ class BeitMIM(nn.Module):
                 blk.mlp.fc2.weight.div_(scale)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay (tokens, position terms)."""
-        names = {"cls_token", "mask_token", "rel_pos_bias.relative_position_bias_table"}
+        """Parameter names exempt from weight decay (cls token, position terms). mask_token is
+        decayed, as in unilm (its no_weight_decay lists only pos_embed and cls_token)."""
+        names = {"cls_token", "rel_pos_bias.relative_position_bias_table"}
         if self.pos_embed is not None:
             names.add("pos_embed")
         return names

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from timm.models.beit import Beit
@@ -82,16 +82,19 @@ class BeitClassifier(Beit):
                 "timm_kwargs": timm_kwargs(self.config), **extra}
 
     # ---- features ----------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings with the CLS token prepended (+ absolute positions): [B, 1+N, D]."""
+        x = self.patch_embed(images)  # [B, N, D]
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [B, 1+N, D]
+        return x if self.pos_embed is None else x + self.pos_embed  # [B, 1+N, D]
+
     def forward_blocks(self, images: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:
         """Token sequence after the first `num_blocks` blocks (all when None), before
         any norm: [B, C, H, W] -> [B, 1+N, D]."""
         n = len(self.blocks) if num_blocks is None else num_blocks
         if not 1 <= n <= len(self.blocks):
             raise ValueError(f"block={num_blocks}: must be in 1..{len(self.blocks)}")
-        x = self.patch_embed(images)  # [B, N, D]
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [B, 1+N, D]
-        if self.pos_embed is not None:
-            x = x + self.pos_embed  # [B, 1+N, D]
+        x = self.embed(images)  # [B, 1+N, D]
         for blk in self.blocks[:n]:
             x = blk(x, shared_rel_pos_bias=None)  # [B, 1+N, D]; per-block tables
         return x
@@ -100,6 +103,18 @@ class BeitClassifier(Beit):
         """Average of the patch tokens (no CLS) after `num_blocks` blocks: [B, D]
         (paper App. D's linear-probe feature; no fc_norm)."""
         return self.forward_blocks(images, num_blocks)[:, 1:].mean(dim=1)  # [B, D]
+
+    def pooled_blocks(self, images: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
+        """`pooled` after each of `blocks` (counted from 1), from one pass: [len(blocks), B, D]."""
+        if not blocks or not all(1 <= b <= len(self.blocks) for b in blocks):
+            raise ValueError(f"blocks={list(blocks)}: each must be in 1..{len(self.blocks)}")
+        x = self.embed(images)  # [B, 1+N, D]
+        out = {}
+        for i, blk in enumerate(self.blocks[:max(blocks)], start=1):
+            x = blk(x, shared_rel_pos_bias=None)  # [B, 1+N, D]
+            if i in blocks:
+                out[i] = x[:, 1:].mean(dim=1)  # [B, D]
+        return torch.stack([out[b] for b in blocks])  # [len(blocks), B, D]
 
 
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:

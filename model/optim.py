@@ -76,9 +76,11 @@ def param_groups(
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """Linear warmup from 0 to base_lr over warmup_steps, then cosine to min_lr at total_steps.
+    """Linear warmup to base_lr over warmup_steps, then cosine to min_lr at total_steps.
 
-    lr_at(0) = 0 when warmup_steps > 0 (as unilm's schedule); lr_at(warmup) = base_lr;
+    lr_at(s) = base_lr * (s + 1) / warmup_steps during warmup: unilm's schedule starts at 0,
+    which spends the first step on nothing (AdamW still updates its moments);
+    lr_at(warmup - 1) = lr_at(warmup) = base_lr;
     lr_at(total) = min_lr, and steps past the end stay at min_lr (resumed or extended runs).
     """
     if total_steps < 1:
@@ -90,7 +92,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
     if base_lr < 0 or not 0 <= min_lr <= base_lr:
         raise ValueError(f"min_lr={min_lr}: must be in [0, base_lr={base_lr}]")
     if step < warmup_steps:
-        return base_lr * step / warmup_steps
+        return base_lr * (step + 1) / warmup_steps
     if step >= total_steps:
         return min_lr
     progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.fingerprint import index_fingerprint, stable_hash
-from pipeline.schema import LoaderConfig, ViewConfig
+from pipeline.augment import Augment
+from pipeline.schema import AugmentConfig, LoaderConfig, ViewConfig
 from pipeline.shardread import check_shards, decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
 from pipeline.stream import ShardList, epoch_stream
 from pipeline.views import apply_view, identity_view, sample_view
@@ -128,7 +129,7 @@ class ClassifyDataset(torch.utils.data.IterableDataset):
     train=False: shard order as stored, identity view, no shuffling."""
 
     def __init__(self, split: LabelledSplit, cfg: LoaderConfig, image_size: int, seed: int,
-                 train: bool, views: Optional[ViewConfig] = None):
+                 train: bool, views: Optional[ViewConfig] = None, augment: AugmentConfig = AugmentConfig()):
         super().__init__()
         if train and views is None:
             raise ValueError("a training ClassifyDataset needs a ViewConfig")
@@ -140,6 +141,7 @@ class ClassifyDataset(torch.utils.data.IterableDataset):
         # A seed of its own: tokenize's views are sample_view(seed, key, v) for v < V,
         # and epoch e must not replay pretraining view e.
         self._view_seed = stable_hash("classify-view", seed)
+        self._augment = Augment(augment, image_size, cfg.mean)  # RandAugment / erasing; off by default
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -153,7 +155,11 @@ class ClassifyDataset(torch.utils.data.IterableDataset):
         else:
             view = identity_view(w, h)
         x = apply_view(image, view, self.image_size)  # float [3, S, S] in [0, 1]
-        return {"image": (x - self._mean) / self._std, "label": int(sample["cls"])}
+        if self.train and self._augment.active:
+            x = self._augment(x, self._mean, self._std, self._view_seed, self.epoch, key)  # normalised
+        else:
+            x = (x - self._mean) / self._std  # [3, S, S]
+        return {"image": x, "label": int(sample["cls"])}
 
     def _kept(self, samples: Iterator[dict]) -> Iterator[dict]:
         keep = self.split.keep

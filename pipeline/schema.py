@@ -100,6 +100,22 @@ class BlockShape:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Fine-tuning's extra augmentation after the crop + flip view, both from timm (the paper's
+    recipe: RandAugment 9 / 0.5 and random erasing 0.25). Off in the small default."""
+
+    rand_augment: Optional[str] = None  # timm config string, e.g. "rand-m9-mstd0.5-inc1"; None: off
+    erase_prob: float = 0.0  # timm RandomErasing probability (mode pixel, one box); 0: off
+
+    def __post_init__(self) -> None:
+        if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
+            raise ValueError(f"rand_augment={self.rand_augment!r}: must be a timm RandAugment string "
+                             "such as rand-m9-mstd0.5-inc1, or null")
+        if not 0.0 <= self.erase_prob <= 1.0:
+            raise ValueError(f"erase_prob={self.erase_prob}: must be in [0, 1], e.g. 0.25")
+
+
+@dataclasses.dataclass(frozen=True)
 class MaskingConfig:
     """The mask generator's settings: top-level `masking` and `mask_ratio` (so that
     `dvc exp run -S mask_ratio=0.3` works) plus the block shape."""

@@ -85,9 +85,15 @@ def run_fingerprint(params: Params, kind: Kind, init_fp: str, train: LabelledSpl
     per-epoch scores, and a tuning run must never report test-split scores (or vice versa)."""
     cfg = params.finetune
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("init", "loop", "eval_samples")}
+    recipe["optim"] = dataclasses.asdict(optim_for(params, kind))
     return json_fingerprint({"kind": kind, "seed": params.seed, "model": params.model, "init": init_fp,
                              "image_size": params.data.image_size, "finetune": recipe,
                              "loop": cfg.loop.trajectory(), "train": train.fingerprint})
+
+
+def optim_for(params: Params, kind: Kind):
+    """The optimiser of `kind`: scratch has its own section (no layer decay, its own lr)."""
+    return params.scratch.optim if kind == "scratch" else params.finetune.optim
 
 
 def classify_loss(net, batch: dict):
@@ -158,11 +164,12 @@ def run(params: Params, env: Dist, kind: Kind, init: Optional[str], stop_after: 
     model, init_fp = build_classifier(params, kind, init, classes)
 
     micro, workers = micro_batch(cfg.loop, env, "finetune"), cfg.loader.num_workers
-    data = ClassifyDataset(train, cfg.loader, size, params.seed, train=True, views=cfg.views)
+    data = ClassifyDataset(train, cfg.loader, size, params.seed, train=True, views=cfg.views,
+                           augment=cfg.augment)
     eval_data = ClassifyDataset(held, cfg.loader, size, params.seed, train=False)
     plan = plan_steps(lambda e: epoch_steps(train, micro, workers, params.seed, e, env.world),
                       cfg.loop, train.num_samples, "finetune")
-    stepper = Stepper(model, cfg.optim, env, num_layers=len(model.blocks))
+    stepper = Stepper(model, optim_for(params, kind), env, num_layers=len(model.blocks))
     run_dir = Path(out.runs) / f"{kind}-{run_fingerprint(params, kind, init_fp, train)}"
 
     def micro_batches(epoch: int, skip: int):

@@ -18,6 +18,7 @@ floor is high, and a short pretraining run can sit below it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -39,63 +40,73 @@ from pipeline.classify import ClassifyDataset, LabelledSplit, open_labelled
 from pipeline.fingerprint import file_fingerprint, json_fingerprint
 from pipeline.schema import LoaderConfig
 from pipeline.stream import eval_batches
-from stages.config import Params, load_params
+from stages.config import ConfigError, Params, load_params
 from stages.errors import one_line_errors
 from stages.metrics import topk_hits, write_json
 
 
 @torch.no_grad()
 def extract_features(model: BeitClassifier, split: LabelledSplit, image_size: int, batch_size: int,
-                     num_workers: int, block: Optional[int], device: torch.device
+                     num_workers: int, blocks: tuple[int, ...], device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (features float [N, D], labels long [N]) over the (kept) split, stored order."""
+    """-> (features float [len(blocks), N, D], labels long [N]) over the (kept) split, stored order."""
     model.eval().to(device)
     data = ClassifyDataset(split, LoaderConfig(num_workers=num_workers), image_size, seed=0, train=False)
     feats, labels = [], []
     for batch in eval_batches(data, batch_size, num_workers):
-        feats.append(model.pooled(batch["image"].to(device), block).float().cpu())  # [B, D]
+        feats.append(model.pooled_blocks(batch["image"].to(device), blocks).float().cpu())  # [L, B, D]
         labels.append(batch["label"])  # [B]
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats, dim=1), torch.cat(labels)
 
 
 def extract_pixels(split: LabelledSplit, image_size: int, batch_size: int, num_workers: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (pixels float [N, 3*S*S], labels long [N]): the encoder's input view, flattened."""
+    """-> (pixels float [1, N, 3*S*S], labels long [N]): the encoder's input view, flattened."""
     data = ClassifyDataset(split, LoaderConfig(num_workers=num_workers), image_size, seed=0, train=False)
     pairs = [(b["image"].flatten(1), b["label"]) for b in eval_batches(data, batch_size, num_workers)]
-    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    return torch.cat([x for x, _ in pairs])[None], torch.cat([y for _, y in pairs])
 
 
-def cached_features(params: Params, split_name: str, fraction: float, pixels: bool = False,
-                    verify: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of `split_name` (stratified `fraction` of it), computed once per fingerprint.
-    pixels=True: the raw-pixel reference instead of the pretrained encoder's features.
-    verify: check every shard image's sha256 first (the tar sizes are always checked)."""
+def probe_blocks(params: Params, depth: int) -> tuple[int, ...]:
+    """The blocks whose features are extracted: all of them when the holdout chooses."""
+    block = params.probe.block
+    if block == "auto":
+        return tuple(range(1, depth + 1))
+    if block is not None and block > depth:
+        raise ConfigError(f"probe.block={block}: the encoder has {depth} blocks")
+    return (depth if block is None else block,)
+
+
+def cached_features(params: Params, split: LabelledSplit, name: str, pixels: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(features [L, N, D], labels [N], the L blocks they come after; () for pixels) of `split`,
+    computed once per fingerprint. pixels=True: the raw-pixel reference instead."""
     cfg = params.probe
     ckpt = Path(params.outputs.pretrain.dir)
     if not pixels and not (ckpt / WEIGHTS).exists():
         raise FileNotFoundError(f"{ckpt}: no pretrained checkpoint; run `beit pretrain` (or `dvc repro pretrain`)")
+    blocks: tuple[int, ...] = ()
     if not pixels:  # before the feature cache: a cached result of another encoder is no answer either
-        check_pretrained(ckpt, model=params.model, image_size=params.data.image_size)
-    split = open_labelled(Path(params.outputs.shards) / split_name, fraction, params.seed, verify=verify)
-    source = {"pixels": True} if pixels else {"ckpt": file_fingerprint(ckpt / WEIGHTS), "block": cfg.block}
+        config = check_pretrained(ckpt, model=params.model, image_size=params.data.image_size)
+        blocks = probe_blocks(params, int(config["depth"]))
+    source = {"pixels": True} if pixels else {"ckpt": file_fingerprint(ckpt / WEIGHTS), "blocks": blocks}
     fp = json_fingerprint({**source, "split": split.fingerprint, "image_size": params.data.image_size})
-    path = Path(params.outputs.runs) / f"features-{fp}" / f"{split_name}.safetensors"
+    path = Path(params.outputs.runs) / f"features-{fp}" / f"{name}.safetensors"
     if path.exists():
         t = load_file(str(path))
-        return t["features"], t["labels"]
+        return t["features"], t["labels"], blocks
     size = params.data.image_size
     t0 = time.perf_counter()
     if pixels:
         feats, labels = extract_pixels(split, size, cfg.batch_size, cfg.num_workers)
     else:
         model = BeitClassifier.from_pretrained(ckpt, num_classes=0, drop_path=0.0)
-        feats, labels = extract_features(model, split, size, cfg.batch_size, cfg.num_workers, cfg.block,
+        feats, labels = extract_features(model, split, size, cfg.batch_size, cfg.num_workers, blocks,
                                          setup_distributed(cfg.device).device)
-    click.echo(f"features: {split_name} {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {path}")
+    click.echo(f"features: {name} {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {path}")
     with atomic_file(path) as tmp:  # a killed run leaves no half-written cache
         save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp))
-    return feats, labels
+    return feats, labels, blocks
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -145,53 +156,104 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
     return torch.cat(out)  # [M, K]
 
 
-def _data(params: Params, pixels: bool = False, verify: bool = False):
-    p = params.probe
+@dataclasses.dataclass(frozen=True)
+class ProbeData:
+    """Cached features of the three sets: fit (the label subset), holdout (chooses), eval (scored once)."""
+
+    fit: tuple[torch.Tensor, torch.Tensor]  # [L, N, D], [N]
+    holdout: Optional[tuple[torch.Tensor, torch.Tensor]]  # [L, H, D], [H]; None without probe.validation
+    eval: tuple[torch.Tensor, torch.Tensor]  # [L, M, D], [M]
+    blocks: tuple[int, ...]  # the block of each of the L feature sets; () for pixels
+    classes: int
+
+
+def probe_data(params: Params, pixels: bool = False, verify: bool = False) -> ProbeData:
+    p, shards = params.probe, Path(params.outputs.shards)
     fraction = params.finetune.label_fraction if p.train_fraction is None else p.train_fraction
-    train_x, train_y = cached_features(params, params.data.train_split, fraction, pixels, verify)
-    test_x, test_y = cached_features(params, params.data.eval_split, 1.0, pixels, verify)
-    classes = open_labelled(Path(params.outputs.shards) / params.data.train_split).num_classes
-    return train_x, train_y, test_x, test_y, classes
+    train_dir = shards / params.data.train_split
+    if p.validation is not None and fraction == 1.0:
+        raise ConfigError("probe.validation needs train images outside the probe's labels: lower "
+                          "probe.train_fraction below 1, or set probe.validation: null with a fixed block and one lr")
+    fit_split = open_labelled(train_dir, fraction, params.seed, verify=verify)
+    fit_x, fit_y, blocks = cached_features(params, fit_split, params.data.train_split, pixels)
+    holdout = None
+    if p.validation is not None:
+        try:
+            held = open_labelled(train_dir, fraction, params.seed, holdout=p.validation)
+        except ValueError as err:  # "validation=N: must be in [1, M], ..." -> name the key in full
+            raise ConfigError(f"probe.{err}") from None
+        holdout = cached_features(params, held, f"{params.data.train_split}-holdout", pixels)[:2]
+    eval_split = open_labelled(shards / params.data.eval_split, verify=verify)
+    eval_x, eval_y, _ = cached_features(params, eval_split, params.data.eval_split, pixels)
+    return ProbeData((fit_x, fit_y), holdout, (eval_x, eval_y), blocks, fit_split.num_classes)
 
 
-def _fit_linear(params: Params, pixels: bool, verify: bool = False) -> tuple[dict, dict, int, int, int]:
-    """-> (test top-k, train top-k, train size, eval size, feature dim)."""
+def choose(data: ProbeData, options: list[tuple[int, float]], score) -> tuple[tuple[int, float], list[dict]]:
+    """The (feature set, setting) with the best holdout top-1 -> (choice, one row per option).
+    score(train_x, train_y, x, y, setting) -> top-1 on (x, y). Ties go to the earlier option."""
+    if data.holdout is None:
+        return options[0], []
+    rows, best = [], None
+    for i, setting in options:
+        top1 = score(data.fit[0][i], data.fit[1], data.holdout[0][i], data.holdout[1], setting)
+        rows.append({"block": data.blocks[i] if data.blocks else "pixels", "setting": setting, "top1": top1})
+        if best is None or top1 > best[1]:
+            best = ((i, setting), top1)
+    return best[0], rows
+
+
+def fit_linear_scored(params: Params, data: ProbeData) -> dict:
+    """Linear probe: block and lr chosen on the holdout, then the eval split scored once."""
     p = params.probe
-    train_x, train_y, test_x, test_y, classes = _data(params, pixels, verify)
-    linear, mean, std = train_linear(train_x, train_y, classes, p.epochs, p.lr, p.weight_decay,
-                                     p.linear_batch_size, params.seed)
+
+    def fit(x, y, lr):
+        return train_linear(x, y, data.classes, p.epochs, lr, p.weight_decay, p.linear_batch_size, params.seed)
+
+    def score(tx, ty, x, y, lr):
+        linear, mean, std = fit(tx, ty, lr)
+        with torch.no_grad():
+            return topk_accuracy(linear((x - mean) / std), y)["top1"]
+
+    layers = range(len(data.eval[0]))
+    (i, lr), rows = choose(data, [(j, lr) for j in layers for lr in p.lrs], score)
+    linear, mean, std = fit(data.fit[0][i], data.fit[1], lr)
     with torch.no_grad():
-        test = topk_accuracy(linear((test_x - mean) / std), test_y)
-        train = topk_accuracy(linear((train_x - mean) / std), train_y)
-    return test, train, len(train_x), len(test_x), train_x.shape[1]
+        test = topk_accuracy(linear((data.eval[0][i] - mean) / std), data.eval[1])
+        train = topk_accuracy(linear((data.fit[0][i] - mean) / std), data.fit[1])
+    return {**test, "train_top1": train["top1"], "block": data.blocks[i] if data.blocks else "pixels",
+            "lr": lr, "holdout": rows, "train_samples": len(data.fit[1]), "eval_samples": len(data.eval[1]),
+            "feature_dim": data.eval[0].shape[-1]}
+
+
+def knn_scored(params: Params, data: ProbeData) -> dict:
+    """kNN: block chosen on the holdout, then the eval split scored once."""
+    p = params.probe
+
+    def top(tx, ty, x, y):
+        return topk_accuracy(knn_scores(tx, ty, x, data.classes, p.knn_k, p.knn_temperature), y)
+
+    (i, _), rows = choose(data, [(j, p.knn_k) for j in range(len(data.eval[0]))],
+                          lambda tx, ty, x, y, _k: top(tx, ty, x, y)["top1"])
+    test = top(data.fit[0][i], data.fit[1], data.eval[0][i], data.eval[1])
+    return {**test, "block": data.blocks[i] if data.blocks else "pixels", "holdout": rows,
+            "train_samples": len(data.fit[1]), "eval_samples": len(data.eval[1])}
 
 
 def linear_probe(params: Params, verify: bool = False) -> dict:
-    p = params.probe
-    test, train, n_train, n_eval, dim = _fit_linear(params, pixels=False, verify=verify)
-    metrics = {**test, "train_top1": train["top1"], "block": p.block or "last",
-               "train_samples": n_train, "eval_samples": n_eval, "feature_dim": dim}
-    if p.pixel_reference:
-        metrics["pixels_top1"] = _fit_linear(params, pixels=True)[0]["top1"]
+    metrics = fit_linear_scored(params, probe_data(params, verify=verify))
+    if params.probe.pixel_reference:
+        pixels = fit_linear_scored(params, probe_data(params, pixels=True))
+        metrics |= {"pixels_top1": pixels["top1"], "pixels_lr": pixels["lr"]}
     write_json(params.outputs.linear_probe.metrics, metrics)
     return metrics
 
 
-def _knn_top(params: Params, pixels: bool, verify: bool = False) -> tuple[dict, int, int]:
-    p = params.probe
-    train_x, train_y, test_x, test_y, classes = _data(params, pixels, verify)
-    scores = knn_scores(train_x, train_y, test_x, classes, p.knn_k, p.knn_temperature)
-    return topk_accuracy(scores, test_y), len(train_x), len(test_x)
-
-
 def knn(params: Params, verify: bool = False) -> dict:
     p = params.probe
-    top, n_train, n_eval = _knn_top(params, pixels=False, verify=verify)
-    metrics = {**top, "k": p.knn_k, "temperature": p.knn_temperature,
-               "vote": "temperature-weighted (DINO)", "block": p.block or "last",
-               "train_samples": n_train, "eval_samples": n_eval}
+    metrics = {**knn_scored(params, probe_data(params, verify=verify)), "k": p.knn_k,
+               "temperature": p.knn_temperature, "vote": "temperature-weighted (DINO)"}
     if p.pixel_reference:
-        metrics["pixels_top1"] = _knn_top(params, pixels=True)[0]["top1"]
+        metrics["pixels_top1"] = knn_scored(params, probe_data(params, pixels=True))["top1"]
     write_json(params.outputs.knn.metrics, metrics)
     return metrics
 

@@ -202,7 +202,8 @@ def test_no_weight_decay_names_exist():
     model = micro()
     names = dict(model.named_parameters())
     assert model.no_weight_decay() <= set(names)
-    assert {"cls_token", "mask_token", "pos_embed"} <= model.no_weight_decay()
+    assert {"cls_token", "pos_embed"} <= model.no_weight_decay()
+    assert "mask_token" not in model.no_weight_decay()  # decayed, as in unilm
 
 
 def test_registry_overrides_and_errors():
@@ -226,9 +227,14 @@ def test_registry_overrides_and_errors():
 def test_init_rescales_residual_projections():
     torch.manual_seed(0)
     model = create_model("base", depth=4, vocab_size=16)  # same widths, fewer blocks
+    # unilm truncates at +-1 std: a normal cut there has std 0.5376 of the uncut one
+    cut = 0.5376
     stds = [blk.mlp.fc2.weight.std().item() for blk in model.blocks]
     for i, s in enumerate(stds):
-        assert s == pytest.approx(0.02 / math.sqrt(2 * (i + 1)), rel=0.05)
+        assert s == pytest.approx(cut * 0.02 / math.sqrt(2 * (i + 1)), rel=0.05)
+    qkv = model.blocks[0].attn.qkv.weight
+    assert qkv.abs().max().item() <= 0.02 and qkv.std().item() == pytest.approx(cut * 0.02, rel=0.05)
+    assert model.mask_token.abs().max().item() <= 0.02
     assert model.blocks[0].gamma_1.eq(0.1).all()
 
 

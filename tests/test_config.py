@@ -55,3 +55,15 @@ def test_optional_and_int_to_float(tmp_path):
     params = load_params(write(tmp_path, {"shard": {"encode": {"resize_short": 256}}, "data": {"root": None}}))
     assert params.shard.encode.resize_short == 256 and params.data.root is None
     assert isinstance(load_params(write(tmp_path, {"mask_ratio": 1 / 2})).mask_ratio, float)
+
+
+def test_scratch_stage_reads_every_finetune_field_but_the_optimiser_and_init():
+    """`beit scratch` takes finetune's data, views, budget and augmentation but its own optimiser:
+    DVC must rerun it when any of those change, and not when finetune.optim does."""
+    from stages.config import FinetuneConfig
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["scratch"]
+    read = {p for p in stage["params"] if isinstance(p, str)}
+    want = {f"finetune.{f.name}" for f in dataclasses.fields(FinetuneConfig)} - {"finetune.optim", "finetune.init"}
+    assert {p for p in read if p.startswith("finetune")} == want
+    assert "scratch" in read

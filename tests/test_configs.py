@@ -40,5 +40,7 @@ def test_imagenet_base_is_the_paper_recipe(monkeypatch):
     f = p.finetune
     assert (f.loop.epochs, f.loop.batch_size, f.optim.lr, f.optim.layer_decay, f.mix.smoothing, f.mix.mixup_alpha,
             f.mix.cutmix_alpha, f.drop_path, f.label_fraction) == (100, 1024, 4e-3, 0.65, 0.1, 0.8, 1.0, 0.1, 1.0)
+    assert (f.augment.rand_augment, f.augment.erase_prob) == ("rand-m9-mstd0.5-inc1", 0.25)  # RandAugment(9, 0.5)
+    assert (p.scratch.optim.layer_decay, p.scratch.optim.weight_decay) == (None, 0.05)  # DeiT: no layer decay
     cfg = create_model(p.model).config  # the 112 px DALL-E grid (112 / 8 = 14) must match the patch grid
     assert cfg.img_size == p.data.image_size and cfg.grid == (112 // 8, 112 // 8)

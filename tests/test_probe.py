@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import make_shards, save_stand_in_encoder, tiny_params
@@ -45,7 +46,7 @@ def test_linear_probe_learns_separable_features():
 
 def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     params = tiny_params(tmp_path, probe={"num_workers": 0, "batch_size": 32, "train_fraction": 0.5, "epochs": 5,
-                                          "block": 1},
+                                          "block": "auto", "validation": 20, "lrs": [1e-3, 1e-1]},
                          outputs={"runs": str(tmp_path / "runs"), "linear_probe": {"metrics": "metrics/linear_probe.json"},
                                   "knn": {"metrics": "metrics/knn.json"}})
     make_shards(tmp_path, params, n_train=80, n_test=30)
@@ -53,11 +54,17 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lp = linear_probe(params)
     cache = sorted((tmp_path / "runs").glob("features-*/*.safetensors"))
-    # two feature caches: the encoder's and the raw-pixel reference's
-    assert sorted(p.name for p in cache) == ["test.safetensors"] * 2 + ["train.safetensors"] * 2
+    # two feature caches: the encoder's and the raw-pixel reference's, each fit / holdout / eval
+    names = ["test.safetensors", "train-holdout.safetensors", "train.safetensors"]
+    assert sorted(p.name for p in cache) == sorted(names * 2)
     from safetensors.torch import load_file
-    dims = sorted(load_file(str(p))["features"].shape[1] for p in cache if p.name == "train.safetensors")
-    assert dims == [128, 3 * 32 * 32]  # encoder width; the flattened 32 px input view
+    shapes = sorted(tuple(load_file(str(p))["features"].shape) for p in cache if p.name == "train.safetensors")
+    assert shapes == [(1, 40, 3 * 32 * 32), (2, 40, 128)]  # pixels; both blocks of the 2-block encoder
+    # block and lr: the best of every (block, lr) pair on the holdout, then the test split once
+    rows = lp["holdout"]
+    assert [(r["block"], r["setting"]) for r in rows] == [(1, 1e-3), (1, 1e-1), (2, 1e-3), (2, 1e-1)]
+    best = max(rows, key=lambda r: r["top1"])
+    assert (lp["block"], lp["lr"]) == (best["block"], best["setting"]) and lp["pixels_lr"] in (1e-3, 1e-1)
     stamps = [p.stat().st_mtime_ns for p in cache]
     kn = knn(params)
     assert [p.stat().st_mtime_ns for p in cache] == stamps  # knn reused the probe's features
@@ -65,9 +72,37 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     assert json.loads(Path("metrics/knn.json").read_text()) == kn
     assert lp["train_samples"] == 40 and lp["eval_samples"] == 30 and lp["feature_dim"] == 128
     assert kn["k"] == 20 and 0.0 <= kn["top1"] <= kn["top5"] <= 1.0
+    assert kn["block"] == max(kn["holdout"], key=lambda r: r["top1"])["block"] and len(kn["holdout"]) == 2
     assert 0.0 <= lp["pixels_top1"] <= 1.0 and 0.0 <= kn["pixels_top1"] <= 1.0
     # train_fraction null: exactly the fine-tuning label subset (same fraction, same seed)
     same = dataclasses.replace(params, probe=dataclasses.replace(params.probe, train_fraction=None),
                                finetune=dataclasses.replace(params.finetune, label_fraction=0.25))
     want = open_labelled(Path(params.outputs.shards) / "train", 0.25, params.seed).num_samples
     assert want != 40 and linear_probe(same)["train_samples"] == want
+
+
+def test_choose_prefers_the_block_that_separates_on_the_holdout():
+    from stages.probe import ProbeData, choose
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    signal = torch.nn.functional.one_hot(y, 4).float() * 3 + torch.randn(200, 4, generator=g) * 0.3
+    noise = torch.randn(200, 4, generator=g)
+    x = torch.stack([noise, signal])  # [L=2, N, D]: block 1 is noise, block 2 separates the classes
+    data = ProbeData((x[:, :100], y[:100]), (x[:, 100:], y[100:]), (x, y), (1, 2), 4)
+    knn_top1 = lambda tx, ty, hx, hy, k: topk_accuracy(knn_scores(tx, ty, hx, 4, k, 0.07), hy)["top1"]  # noqa: E731
+    (i, k), rows = choose(data, [(0, 5), (1, 5)], knn_top1)
+    assert i == 1 and k == 5 and rows[1]["top1"] > 0.9 > rows[0]["top1"]
+    no_holdout = ProbeData(data.fit, None, data.eval, (1, 2), 4)
+    assert choose(no_holdout, [(0, 5), (1, 5)], knn_top1) == ((0, 5), [])  # nothing to choose on
+
+
+def test_probe_validation_too_large_names_the_key(tmp_path):
+    from stages.config import ConfigError
+    from stages.probe import probe_data
+
+    params = tiny_params(tmp_path, probe={"num_workers": 0, "train_fraction": 0.5, "validation": 500})
+    make_shards(tmp_path, params, n_train=80, n_test=30)
+    save_stand_in_encoder(params, seed=0, depth=2)
+    with pytest.raises(ConfigError, match=r"probe\.validation=500: must be in \[1, 40\]"):
+        probe_data(params)
