@@ -47,7 +47,7 @@ def encoder_init(params: Params, kind: Kind, init: Optional[str]) -> tuple[dict,
     """(timm-layout encoder state dict, BeitConfig, fingerprint of the init)."""
     if kind == "scratch":
         torch.manual_seed(params.seed)
-        encoder = create_model(params.model)  # the paper's init, from model/beit.py
+        encoder = create_model(params.model, img_size=params.data.image_size)  # the paper's init
         return timm_export(encoder)[0], encoder.config, "scratch"
     if init is not None:
         from model.interop import load_unilm

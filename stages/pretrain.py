@@ -46,14 +46,16 @@ def run_fingerprint(params: Params, token_fps: dict) -> str:
 
 
 def build_model(params: Params, vocab_size: int, grid: tuple[int, int]):
-    over = {"vocab_size": vocab_size, "target": params.target}
+    # The registry names an architecture; the resolution is the data's (micro: 32 px or the
+    # native 28 px of Fashion-MNIST, a 7x7 grid of 4 px patches).
+    over = {"vocab_size": vocab_size, "target": params.target, "img_size": params.data.image_size}
     if params.pretrain.drop_path is not None:
         over["drop_path"] = params.pretrain.drop_path
     torch.manual_seed(params.seed)  # identical init on every rank
-    model = create_model(params.model, **over)
-    if model.config.img_size != params.data.image_size:
-        raise ConfigError(f"model {params.model} takes {model.config.img_size} px but "
-                          f"data.image_size={params.data.image_size}; make them agree")
+    try:
+        model = create_model(params.model, **over)
+    except ValueError as err:
+        raise ConfigError(f"data.image_size={params.data.image_size} does not fit model {params.model}: {err}") from None
     if params.target == "tokens" and tuple(grid) != model.config.grid:
         raise ConfigError(f"token grid {tuple(grid)} != {params.model} patch grid "
                           f"{model.config.grid}: pick a tokenizer whose grid matches the model")

@@ -23,18 +23,10 @@ from typing import Any, Optional
 import click
 
 from pipeline.atomic import atomic_file, atomic_write
+from stages.claims import PAPER_ABLATION, PAPER_HEADLINE, judge, by_variant, summary
 from stages.config import Params, load_params
-
-# Paper (Bao et al. 2021), ImageNet-1k top-1 after fine-tuning, ViT-B/16 at 224 px.
 from stages.errors import one_line_errors
-PAPER_HEADLINE = {"BEiT-B (800 ep pretraining)": 83.2, "DeiT-B from scratch": 81.8}
-# Paper Table 4 ablation: ViT-B, 300 pretraining epochs; (ImageNet top-1, ADE20K mIoU).
-PAPER_ABLATION = [
-    ("BEiT (blockwise masking, token targets)", "block", "tokens", 82.86, 44.65),
-    ("random masking", "random", "tokens", 82.77, 42.93),
-    ("pixel regression instead of tokens", "block", "pixels", 81.04, 41.38),
-    ("random masking + pixel regression", "random", "pixels", 80.50, 37.09),
-]
+
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
 
 
@@ -301,7 +293,40 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
         lines += _table(head, body)
         lines += ["", f"{len(exps)} experiment(s) from `dvc exp show --json`; the paper's ablation "
                       "above is the reference for the direction of each change."]
+        lines += claims_section(experiments or [])
     return "\n".join(lines) + "\n"
+
+
+def _mean_sd(d: dict) -> str:
+    if d["mean"] is None:
+        return "—"
+    return f"{d['mean']:.2f}" if d["sd"] is None else f"{d['mean']:.2f} ± {d['sd']:.2f}"
+
+
+def claims_section(rows: list[dict]) -> list[str]:
+    """Mean ± sd over seeds per variant, then a verdict per paper claim (stages/claims.py)."""
+    groups = by_variant(rows)
+    if not groups:
+        return []
+    lines = ["", "### Over seeds: mean ± sd", ""]
+    body = []
+    for (masking, target, ratio), seeds in sorted(groups.items()):
+        s = summary(seeds)
+        body.append([masking, target, _fmt(ratio), ", ".join(map(str, s["seeds"])),
+                     *(_mean_sd(s[m]) for m in ("finetune_top1", "scratch_top1", "linear_probe_top1", "knn_top1"))])
+    lines += _table(["masking", "target", "mask ratio", "seeds", "fine-tune (%)", "scratch (%)",
+                     "linear probe (%)", "kNN (%)"], body)
+    lines += ["", "### The paper's claims at this scale", ""]
+    body = []
+    for c in judge(rows):
+        gap = "—" if c["gap"] is None else (f"{c['gap']:+.2f}" + ("" if c["gap_sd"] is None else f" ± {c['gap_sd']:.2f}"))
+        t = "—" if c["t"] is None else f"{c['t']:+.1f}"
+        body.append([c["claim"], gap, f"{c['n'][0]} / {c['n'][1]}", t, f"**{c['verdict']}**", f"{c['paper_gap']:+.2f}"])
+    lines += _table(["claim (fine-tune top-1)", "gap here (points)", "seeds", "Welch t", "verdict", "paper gap"], body)
+    lines += ["", "Verdict: reproduced when t > 2 in the paper's direction, reversed when t < -2, "
+                  "not reproduced otherwise; fewer than 3 seeds on a side gives no verdict. "
+                  "Pretraining vs scratch uses the per-seed differences of the same runs."]
+    return lines
 
 
 def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[dict]], path: str | Path,

@@ -1,0 +1,118 @@
+"""The paper's claims, judged from seeds: mean ± sd per variant and a verdict per claim.
+
+Rows come from `dvc exp show` (stages/report.py parses them): one per committed run or
+experiment, with the top-level knobs (`masking`, `target`, `mask_ratio`, `seed`) and the
+metrics. A variant is a (masking, target, mask_ratio) triple; its seeds are pooled.
+
+A verdict compares two variants' means on fine-tuning top-1 (the paper's metric) with
+Welch's t statistic, t = (mean_a - mean_b) / sqrt(sd_a^2/n_a + sd_b^2/n_b), signed so
+that positive is the paper's direction:
+
+- reproduced: t > 2 (the paper's direction, beyond the seed spread);
+- reversed: t < -2 (the opposite direction, beyond the spread);
+- not reproduced: |t| <= 2 (no difference the seeds can resolve);
+- needs seeds: fewer than 3 seeds on either side (the verdict would not mean much).
+
+Pretraining vs scratch pairs the two numbers of the same runs (finetune_top1 and
+scratch_top1 of the default variant), so it is judged on the per-seed differences.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Optional
+
+# Paper (Bao et al. 2021), ImageNet-1k top-1 after fine-tuning, ViT-B/16 at 224 px.
+PAPER_HEADLINE = {"BEiT-B (800 ep pretraining)": 83.2, "DeiT-B from scratch": 81.8}
+# Paper Table 4 ablation: ViT-B, 300 pretraining epochs; (ImageNet top-1, ADE20K mIoU).
+PAPER_ABLATION = [
+    ("BEiT (blockwise masking, token targets)", "block", "tokens", 82.86, 44.65),
+    ("random masking", "random", "tokens", 82.77, 42.93),
+    ("pixel regression instead of tokens", "block", "pixels", 81.04, 41.38),
+    ("random masking + pixel regression", "random", "pixels", 80.50, 37.09),
+]
+
+DEFAULT = ("block", "tokens", 0.4)
+MIN_SEEDS = 3
+METRICS = ("finetune_top1", "scratch_top1", "linear_probe_top1", "knn_top1")
+
+_ABL = {(m, t): a for _, m, t, a, _ in PAPER_ABLATION}
+# (claim, the variant compared with the default, the paper's fine-tuning gap default - variant)
+CLAIMS = tuple((claim, (m, t, 0.4), _ABL[("block", "tokens")] - _ABL[(m, t)]) for claim, m, t in (
+    ("blockwise beats random masking", "random", "tokens"),
+    ("visual tokens beat pixel regression", "block", "pixels"),
+    ("blockwise + tokens beat random + pixels", "random", "pixels"),
+))
+PAPER_SCRATCH_GAP = PAPER_HEADLINE["BEiT-B (800 ep pretraining)"] - PAPER_HEADLINE["DeiT-B from scratch"]
+
+
+def variant_of(row: dict) -> Optional[tuple]:
+    try:
+        return (row["masking"], row["target"], float(row["mask_ratio"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def by_variant(rows: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """{variant: {seed: row}}; the first row of each (variant, seed) wins, the workspace
+    row only when nothing committed has that pair (it may hold uncommitted changes)."""
+    out: dict[tuple, dict[int, dict]] = {}
+    ordered = [r for r in rows if r.get("kind") != "workspace"] + [r for r in rows if r.get("kind") == "workspace"]
+    for r in ordered:
+        v, seed = variant_of(r), r.get("seed")
+        if v is None or seed is None or r.get("error") or r.get("finetune_top1") is None:
+            continue
+        out.setdefault(v, {}).setdefault(int(seed), r)
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    """{"n", "mean", "sd"} (sd: sample standard deviation; None below 2 values)."""
+    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) >= 2 else None}
+
+
+def summary(seeds: dict[int, dict]) -> dict:
+    """Per metric: mean ± sd over the variant's seeds, plus the seeds themselves."""
+    out = {"seeds": sorted(seeds)}
+    for m in METRICS:
+        out[m] = spread([seeds[s][m] for s in sorted(seeds) if seeds[s].get(m) is not None])
+    return out
+
+
+def welch_t(a: dict, b: dict) -> Optional[float]:
+    if a["n"] < 2 or b["n"] < 2:
+        return None
+    se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+    diff = a["mean"] - b["mean"]
+    return math.copysign(math.inf, diff) if se == 0 and diff else (0.0 if se == 0 else diff / se)
+
+
+def verdict(t: Optional[float], n_a: int, n_b: int, paper_sign: float = 1.0) -> str:
+    if t is None or min(n_a, n_b) < MIN_SEEDS:
+        return f"needs {MIN_SEEDS} seeds"
+    t *= math.copysign(1.0, paper_sign)
+    return "reproduced" if t > 2 else "reversed" if t < -2 else "not reproduced"
+
+
+def judge(rows: list[dict]) -> list[dict]:
+    """One dict per claim: claim, gap (points, default - variant or finetune - scratch), its sd,
+    seeds on each side, t, verdict, paper gap."""
+    groups = by_variant(rows)
+    base = groups.get(DEFAULT, {})
+    out = []
+    diffs = [base[s]["finetune_top1"] - base[s]["scratch_top1"] for s in sorted(base)
+             if base[s].get("scratch_top1") is not None]
+    d = spread(diffs)
+    t = None if d["n"] < 2 else (d["mean"] / (d["sd"] / math.sqrt(d["n"])) if d["sd"] else math.copysign(math.inf, d["mean"]))
+    out.append({"claim": "pretraining beats training from scratch", "gap": d["mean"], "gap_sd": d["sd"],
+                "n": (d["n"], d["n"]), "t": t, "verdict": verdict(t, d["n"], d["n"]), "paper_gap": PAPER_SCRATCH_GAP})
+    a = spread([r["finetune_top1"] for r in base.values()])
+    for claim, variant, paper_gap in CLAIMS:
+        b = spread([r["finetune_top1"] for r in groups.get(variant, {}).values()])
+        t = welch_t(a, b)
+        gap = None if a["mean"] is None or b["mean"] is None else a["mean"] - b["mean"]
+        gap_sd = (math.sqrt(a["sd"] ** 2 + b["sd"] ** 2) if a["sd"] is not None and b["sd"] is not None else None)
+        out.append({"claim": claim, "gap": gap, "gap_sd": gap_sd, "n": (a["n"], b["n"]), "t": t,
+                    "verdict": verdict(t, a["n"], b["n"], paper_gap), "paper_gap": paper_gap})
+    return out
