@@ -48,8 +48,11 @@ class Augment:
 
         self.cfg = cfg
         # timm create_transform's hyper-parameters for RandAugment at this size and mean
+        # magnitude_max just under timm's 10: a sampled magnitude of 10 (m9 + std 0.5 reaches it)
+        # makes PosterizeIncreasing keep 0 bits, which Pillow >= 11 rejects ("bits must be between
+        # or equal to 1 and 8"); 9.99 keeps 1 bit and changes every other op by 0.1% at most.
         hparams = {"translate_const": int(image_size * 0.45),
-                   "img_mean": tuple(min(255, round(255 * m)) for m in mean)}
+                   "img_mean": tuple(min(255, round(255 * m)) for m in mean), "magnitude_max": 9.99}
         self.rand = rand_augment_transform(cfg.rand_augment, hparams) if cfg.rand_augment else None
         self.erase = (RandomErasing(cfg.erase_prob, mode="pixel", max_count=1, device="cpu")
                       if cfg.erase_prob > 0 else None)

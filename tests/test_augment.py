@@ -44,6 +44,17 @@ def test_rand_augment_is_a_function_of_seed_epoch_key_and_leaves_globals_alone()
     # (2 ops per image, each applied with p 0.5, and a few ops leave a grey image as it is)
 
 
+def test_top_magnitude_posterize_keeps_a_bit():
+    """m9 + std 0.5 samples magnitude 10 now and then; timm then posterizes to 0 bits, which
+    Pillow rejects: every op at the highest magnitude must run."""
+    aug = Augment(AugmentConfig(rand_augment="rand-m10-mstd0-inc1"), 32, (0.5, 0.5, 0.5))
+    for op in aug.rand.ops:
+        op.prob = 1.0
+    x = garment()
+    for e in range(40):  # every op is drawn within 40 images of 2 ops each (15 ops)
+        aug(x, MEAN, STD, 0, e, "k")
+
+
 def test_random_erasing_fills_one_box_with_noise():
     aug = Augment(AugmentConfig(erase_prob=1.0), 32, (0.5, 0.5, 0.5))
     x = garment()
