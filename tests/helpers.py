@@ -27,7 +27,9 @@ def tiny_raw(tmp: Path, **sections) -> dict:
         if isinstance(record, dict):
             outputs[stage] = {k: str(tmp / v) for k, v in record.items()}
     raw = merge(raw, {
-        "data": {"root": str(tmp / "fm")},
+        # 32 px (8x8 grid), which the stand-in tokenizers below are built for; the default is 28
+        "data": {"root": str(tmp / "fm"), "image_size": 32},
+        "tokenizer": {"model": {"image_size": 32}},
         "shard": {"shard_size": 40, "workers": 1},
         "tokenize": {"views": 3, "batch_size": 50, "cluster": {"workers": 1}},
         "pretrain": {"loop": {"batch_size": 16, "epochs": 2, "warmup_epochs": 0.5, "log_every": 1},

@@ -30,7 +30,7 @@ def tiny(raw: dict, root: Path) -> dict:
         "finetune": {"loop": {"epochs": 1, "batch_size": 16, "log_every": 2},
                      "loader": {"num_workers": 0, "shuffle_buffer": 20}, "label_fraction": 0.5,
                      "eval_samples": 20},
-        "probe": {"batch_size": 32, "num_workers": 0, "epochs": 2, "train_fraction": 1.0},
+        "probe": {"batch_size": 32, "num_workers": 0, "epochs": 2, "train_fraction": None, "validation": 10},
     })
 
 
