@@ -34,7 +34,7 @@ PAPER_ABLATION = [
 
 DEFAULT = ("block", "tokens", 0.4)
 MIN_SEEDS = 3
-METRICS = ("finetune_top1", "scratch_top1", "linear_probe_top1", "knn_top1")
+METRICS = ("finetune_top1", "scratch_top1", "linear_probe_top1", "knn_top1", "linear_probe_pixels", "knn_pixels")
 
 _ABL = {(m, t): a for _, m, t, a, _ in PAPER_ABLATION}
 # (claim, the variant compared with the default, the paper's fine-tuning gap default - variant)

@@ -9,7 +9,8 @@ from stages.report import claims_section
 
 def row(masking="block", target="tokens", ratio=0.4, seed=0, ft=80.0, sc=70.0, kind="experiment"):
     return {"masking": masking, "target": target, "mask_ratio": ratio, "seed": seed, "kind": kind,
-            "finetune_top1": ft, "scratch_top1": sc, "linear_probe_top1": 60.0, "knn_top1": 55.0, "error": False}
+            "finetune_top1": ft, "scratch_top1": sc, "linear_probe_top1": 60.0, "knn_top1": 55.0,
+            "linear_probe_pixels": 82.0 + seed, "knn_pixels": 80.0, "error": False}
 
 
 def test_spread_and_welch():
@@ -41,3 +42,4 @@ def test_judge_pools_seeds_per_variant_and_judges_each_claim():
     assert by_variant(rows)[("block", "tokens", 0.4)][0]["finetune_top1"] == 80.0
     text = "\n".join(claims_section(rows))
     assert "80.00 ± 0.50" in text and "**reversed**" in text and "**needs 3 seeds**" in text
+    assert "83.00 ± 1.00" in text  # the raw-pixel floor over the seeds, beside the learned numbers
