@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from timm.models.beit import Beit
@@ -32,7 +32,7 @@ HEAD_KEYS = ("fc_norm.", "head.")  # what a pretrained encoder does not provide
 
 
 class BeitClassifier(Beit):
-    """forward(images [B, C, H, W]) -> logits [B, K]; pooled(images, block) -> [B, D]."""
+    """forward(images [B, C, H, W]) -> logits [B, K]; pooled_blocks(images, blocks) -> [L, B, D]."""
 
     def __init__(self, config: BeitConfig, num_classes: int, drop_path: Optional[float] = None,
                  head_init_scale: float = 0.001):
@@ -88,34 +88,30 @@ class BeitClassifier(Beit):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [B, 1+N, D]
         return x if self.pos_embed is None else x + self.pos_embed  # [B, 1+N, D]
 
+    def block_outputs(self, images: torch.Tensor, num_blocks: int) -> Iterator[torch.Tensor]:
+        """The token sequence after each of the first `num_blocks` blocks, before any norm:
+        yields [B, 1+N, D] per block."""
+        x = self.embed(images)  # [B, 1+N, D]
+        for blk in self.blocks[:num_blocks]:
+            x = blk(x, shared_rel_pos_bias=None)  # [B, 1+N, D]; per-block tables
+            yield x
+
     def forward_blocks(self, images: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:
         """Token sequence after the first `num_blocks` blocks (all when None), before
         any norm: [B, C, H, W] -> [B, 1+N, D]."""
         n = len(self.blocks) if num_blocks is None else num_blocks
         if not 1 <= n <= len(self.blocks):
             raise ValueError(f"block={num_blocks}: must be in 1..{len(self.blocks)}")
-        x = self.embed(images)  # [B, 1+N, D]
-        for blk in self.blocks[:n]:
-            x = blk(x, shared_rel_pos_bias=None)  # [B, 1+N, D]; per-block tables
+        *_, x = self.block_outputs(images, n)
         return x
 
-    def pooled(self, images: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:
-        """Average of the patch tokens (no CLS) after `num_blocks` blocks: [B, D]
-        (paper App. D's linear-probe feature; no fc_norm)."""
-        return self.forward_blocks(images, num_blocks)[:, 1:].mean(dim=1)  # [B, D]
-
     def pooled_blocks(self, images: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
-        """`pooled` after each of `blocks` (counted from 1), from one pass: [len(blocks), B, D]."""
+        """Average of the patch tokens (no CLS, no fc_norm: paper App. D's linear-probe feature)
+        after each of `blocks` (counted from 1), from one pass: [len(blocks), B, D]."""
         if not blocks or not all(1 <= b <= len(self.blocks) for b in blocks):
             raise ValueError(f"blocks={list(blocks)}: each must be in 1..{len(self.blocks)}")
-        x = self.embed(images)  # [B, 1+N, D]
-        out = {}
-        for i, blk in enumerate(self.blocks[:max(blocks)], start=1):
-            x = blk(x, shared_rel_pos_bias=None)  # [B, 1+N, D]
-            if i in blocks:
-                out[i] = x[:, 1:].mean(dim=1)  # [B, D]
-        return torch.stack([out[b] for b in blocks])  # [len(blocks), B, D]
-
+        pooled = [x[:, 1:].mean(dim=1) for x in self.block_outputs(images, max(blocks))]  # [B, D] each
+        return torch.stack([pooled[b - 1] for b in blocks])  # [len(blocks), B, D]
 
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:
     """A checkpoint written by `beit finetune` / `beit scratch`."""

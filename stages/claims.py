@@ -80,12 +80,21 @@ def summary(seeds: dict[int, dict]) -> dict:
     return out
 
 
+def _t(diff: float, se: float) -> float:
+    """diff / se; a gap without any spread is infinitely sure, no gap is 0."""
+    return diff / se if se else (math.copysign(math.inf, diff) if diff else 0.0)
+
+
 def welch_t(a: dict, b: dict) -> Optional[float]:
+    """Two independent groups of seeds (spread() dicts); None below 2 on either side."""
     if a["n"] < 2 or b["n"] < 2:
         return None
-    se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
-    diff = a["mean"] - b["mean"]
-    return math.copysign(math.inf, diff) if se == 0 and diff else (0.0 if se == 0 else diff / se)
+    return _t(a["mean"] - b["mean"], math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"]))
+
+
+def paired_t(d: dict) -> Optional[float]:
+    """Per-seed differences of the same runs (a spread() dict); None below 2."""
+    return None if d["n"] < 2 else _t(d["mean"], d["sd"] / math.sqrt(d["n"]))
 
 
 def verdict(t: Optional[float], n_a: int, n_b: int, paper_sign: float = 1.0) -> str:
@@ -104,7 +113,7 @@ def judge(rows: list[dict]) -> list[dict]:
     diffs = [base[s]["finetune_top1"] - base[s]["scratch_top1"] for s in sorted(base)
              if base[s].get("scratch_top1") is not None]
     d = spread(diffs)
-    t = None if d["n"] < 2 else (d["mean"] / (d["sd"] / math.sqrt(d["n"])) if d["sd"] else math.copysign(math.inf, d["mean"]))
+    t = paired_t(d)
     out.append({"claim": "pretraining beats training from scratch", "gap": d["mean"], "gap_sd": d["sd"],
                 "n": (d["n"], d["n"]), "t": t, "verdict": verdict(t, d["n"], d["n"]), "paper_gap": PAPER_SCRATCH_GAP})
     a = spread([r["finetune_top1"] for r in base.values()])

@@ -166,6 +166,10 @@ class ProbeData:
     blocks: tuple[int, ...]  # the block of each of the L feature sets; () for pixels
     classes: int
 
+    def block_name(self, i: int) -> int | str:
+        """What the metrics call feature set i: its block, or "pixels"."""
+        return self.blocks[i] if self.blocks else "pixels"
+
 
 def probe_data(params: Params, pixels: bool = False, verify: bool = False) -> ProbeData:
     p, shards = params.probe, Path(params.outputs.shards)
@@ -196,7 +200,7 @@ def choose(data: ProbeData, options: list[tuple[int, float]], score) -> tuple[tu
     rows, best = [], None
     for i, setting in options:
         top1 = score(data.fit[0][i], data.fit[1], data.holdout[0][i], data.holdout[1], setting)
-        rows.append({"block": data.blocks[i] if data.blocks else "pixels", "setting": setting, "top1": top1})
+        rows.append({"block": data.block_name(i), "setting": setting, "top1": top1})
         if best is None or top1 > best[1]:
             best = ((i, setting), top1)
     return best[0], rows
@@ -220,7 +224,7 @@ def fit_linear_scored(params: Params, data: ProbeData) -> dict:
     with torch.no_grad():
         test = topk_accuracy(linear((data.eval[0][i] - mean) / std), data.eval[1])
         train = topk_accuracy(linear((data.fit[0][i] - mean) / std), data.fit[1])
-    return {**test, "train_top1": train["top1"], "block": data.blocks[i] if data.blocks else "pixels",
+    return {**test, "train_top1": train["top1"], "block": data.block_name(i),
             "lr": lr, "holdout": rows, "train_samples": len(data.fit[1]), "eval_samples": len(data.eval[1]),
             "feature_dim": data.eval[0].shape[-1]}
 
@@ -235,7 +239,7 @@ def knn_scored(params: Params, data: ProbeData) -> dict:
     (i, _), rows = choose(data, [(j, p.knn_k) for j in range(len(data.eval[0]))],
                           lambda tx, ty, x, y, _k: top(tx, ty, x, y)["top1"])
     test = top(data.fit[0][i], data.fit[1], data.eval[0][i], data.eval[1])
-    return {**test, "block": data.blocks[i] if data.blocks else "pixels", "holdout": rows,
+    return {**test, "block": data.block_name(i), "holdout": rows,
             "train_samples": len(data.fit[1]), "eval_samples": len(data.eval[1])}
 
 

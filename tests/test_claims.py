@@ -43,3 +43,11 @@ def test_judge_pools_seeds_per_variant_and_judges_each_claim():
     text = "\n".join(claims_section(rows))
     assert "80.00 ± 0.50" in text and "**reversed**" in text and "**needs 3 seeds**" in text
     assert "83.00 ± 1.00" in text  # the raw-pixel floor over the seeds, beside the learned numbers
+
+
+def test_paired_t_without_spread():
+    from stages.claims import paired_t
+
+    assert paired_t(spread([2.0, 2.0, 2.0])) == math.inf  # the same gain every seed
+    assert paired_t(spread([0.0, 0.0, 0.0])) == 0.0  # no gain at all is no evidence
+    assert paired_t(spread([1.0])) is None
