@@ -26,6 +26,7 @@ COMMANDS = {
     "knn": "stages.probe:knn_cli",
     "export-timm": "stages.export_timm:cli",
     "report": "stages.report:cli",
+    "visualize": "stages.visualize:cli",
 }
 
 

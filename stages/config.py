@@ -73,6 +73,16 @@ class ReportOutputs:
     figure: str = "reports/results.png"
 
 
+@dataclasses.dataclass(frozen=True)
+class VisualizeOutputs:
+    """`beit visualize`: the attention-foreground numbers and three pictures."""
+
+    metrics: str = "metrics/visualize.json"
+    attention: str = "plots/attention.png"  # mean-over-heads CLS attention, one column per model
+    heads: str = "plots/attention_heads.png"  # every head, per model
+    recon: str = "plots/mim_recon.png"  # masked images and what the MIM head predicts there
+
+
 def _train_outputs(name: str, folder: str = "models") -> TrainOutputs:
     return TrainOutputs(f"{folder}/{name}", f"metrics/{name}.json", f"plots/{name}.tsv", f"plots/{name}.png")
 
@@ -89,6 +99,7 @@ class OutputsConfig:
     linear_probe: MetricsOutput = MetricsOutput("metrics/linear_probe.json")
     knn: MetricsOutput = MetricsOutput("metrics/knn.json")
     report: ReportOutputs = ReportOutputs()
+    visualize: VisualizeOutputs = VisualizeOutputs()
 
 
 # ------------------------------------------------------------------ stage sections
@@ -265,6 +276,28 @@ class ReportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisualizeConfig:
+    """`beit visualize`: last-layer CLS attention of the pretrained, randomly initialised and
+    fine-tuned encoders against foreground patches (model/foreground.py), and MIM
+    reconstructions, on the first `images` of the eval split (stored order: fixed images)."""
+
+    images: int = 1000  # scored for metrics/visualize.json
+    show: int = 8  # the first `show` of them are drawn
+    pixel_threshold: float = 0.1  # foreground pixel: brightness in [0, 1] above this
+    patch_share: float = 0.5  # foreground patch: at least this share of its pixels foreground
+    batch_size: int = 250
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.show < 1 or self.show > self.images or self.batch_size < 1:
+            raise ValueError(f"images={self.images}, show={self.show}, batch_size={self.batch_size}: "
+                             "need images >= 1, 1 <= show <= images, batch_size >= 1")
+        if not 0.0 <= self.pixel_threshold < 1.0 or not 0.0 < self.patch_share <= 1.0:
+            raise ValueError(f"pixel_threshold={self.pixel_threshold} must be in [0, 1) and "
+                             f"patch_share={self.patch_share} in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     seed: int = 0
     mask_ratio: float = 0.4
@@ -281,6 +314,7 @@ class Params:
     scratch: ScratchConfig = ScratchConfig()
     probe: ProbeConfig = ProbeConfig()
     report: ReportConfig = ReportConfig()
+    visualize: VisualizeConfig = VisualizeConfig()
     outputs: OutputsConfig = OutputsConfig()
 
     def __post_init__(self) -> None:
