@@ -42,7 +42,9 @@ def foreground_scores(maps: torch.Tensor, fg: torch.Tensor) -> dict[str, torch.T
     maps, fg, k = maps[kept].float(), fg[kept], k[kept]
     mass = (maps * fg).sum(-1) / maps.sum(-1)  # [B']
     # Rank patches by attention; the first k (this image's foreground count) are "top".
-    order = maps.argsort(dim=-1, descending=True)  # [B', N]
+    # stable: exact ties (identical all-black patches of a random init) break by patch index,
+    # the same way on every run and device.
+    order = maps.argsort(dim=-1, descending=True, stable=True)  # [B', N]
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(n, device=maps.device).expand_as(order))  # [B', N]: rank of each patch
     top = ranks < k[:, None]  # [B', N]

@@ -26,6 +26,7 @@ from pipeline.atomic import atomic_file, atomic_write
 from stages.claims import METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, summary
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
+from stages.vis_report import load_visualize, visualize_section
 
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
 
@@ -423,6 +424,8 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
     plot_results(metrics, rows, fig, context)
     text = render_markdown(context, sources, metrics, rows, note,
                            figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"))
+    vis = params.outputs.visualize
+    text += "\n".join(visualize_section(load_visualize(Path(root) / vis.metrics), vis, out.parent, root)) + "\n"
     atomic_write(out, text)
     return {"report": paths.markdown, "figure": paths.figure,
             "metrics_found": sorted(n for n, d in metrics.items() if d is not None),

@@ -143,14 +143,13 @@ def visualize(params: Params) -> dict:
 
     images01 = torch.cat(shown["images"])  # [show, 3, S, S]
     maps = {m: torch.cat(shown[m]) for m in MODELS}  # [show, heads, N] each
-    fg = foreground_patches(images01, patch, cfg.pixel_threshold, cfg.patch_share).float()  # [show, N]
-    per = {m: foreground_scores(maps[m].mean(1), fg.bool()) for m in MODELS}
-    notes = [[""] * len(fg)]
+    fg = foreground_patches(images01, patch, cfg.pixel_threshold, cfg.patch_share)  # [show, N]
+    per = {m: foreground_scores(maps[m].mean(1), fg) for m in MODELS}
+    notes = []
     for m in MODELS:  # each tile's own mass on the foreground, blank where the image has none
         kept_mass = iter(per[m]["mass"].tolist())
         notes.append([f"fg mass {next(kept_mass):.2f}" if k else "" for k in per[m]["kept"].tolist()])
-    save_attention_grid(images01, [("foreground patches", fg)] + [(TITLES[m], maps[m].mean(1)) for m in MODELS],
-                        grid, out.attention, notes)
+    save_attention_grid(images01, fg, [(TITLES[m], maps[m].mean(1)) for m in MODELS], grid, out.attention, notes)
     save_head_grid(images01, [(TITLES[m], maps[m]) for m in MODELS], grid, out.heads)
     normed = ((images01.to(device) - mean) / std)
     with torch.no_grad():
