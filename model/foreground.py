@@ -15,6 +15,9 @@ renormalised over patches):
   ranks every foreground patch first scores 1. Chance for a random ranking is
   E|∩| = k^2/N, so roughly (k/N) / (2 - k/N).
 Images with no foreground patch (or all patches foreground) say nothing and are left out.
+IoU uses only the ranking, so a near-uniform map (a random init) can score well away from
+chance when its tiny differences follow the content (all-black patches embed alike); read it
+beside the mass and the map's entropy (`normalised_entropy`: 1 = uniform).
 """
 from __future__ import annotations
 
@@ -61,3 +64,10 @@ def mean_se(x: torch.Tensor) -> tuple[float, float]:
     if n == 0:
         return math.nan, math.nan
     return float(x.mean()), (float(x.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan)
+
+
+def normalised_entropy(maps: torch.Tensor) -> torch.Tensor:
+    """maps float [B, N] (rows sum to 1) -> [B]: entropy / log N, 1 for a uniform map, 0 for
+    all mass on one patch: how concentrated the attention is, whatever it lands on."""
+    p = maps.float().clamp_min(1e-12)
+    return -(p * p.log()).sum(-1) / math.log(maps.shape[-1])

@@ -60,8 +60,8 @@ SCALE_NOTE = "colour: CLS attention per patch, one scale per row (its largest va
 
 def _save(fig, plt, path: str | Path, caption: Optional[str] = None) -> Path:
     if caption:
-        fig.suptitle(caption, fontsize=7, y=0.995)
-    fig.tight_layout(pad=0.3)
+        fig.suptitle(caption, fontsize=7)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.985 if caption else 1))
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)

@@ -37,9 +37,13 @@ def visualize_section(metrics: Optional[dict], outputs: Any, report_dir: str | P
         return lines + [f"Not run yet: `beit visualize` writes `{outputs.metrics}`."]
     lines += [f"Last-layer CLS attention (mean over heads) on the first {metrics.get('images')} eval images "
               f"({metrics.get('images_scored')} with foreground): the share of attention on foreground patches "
-              "and the IoU of the most-attended patches with them (mean ± standard error).", "",
-              "| encoder | attention mass on foreground | top-k IoU with foreground |", "|---|---|---|"]
-    lines += [f"| {label} | {_cell(metrics, f'{key}_mass')} | {_cell(metrics, f'{key}_iou')} |" for label, key in ROWS]
+              "and the IoU of the k most-attended patches with them (k = the image's foreground patch count), "
+              "mean ± standard error; entropy / log N says how concentrated the map is (1 = uniform). "
+              "IoU ranks patches only, so read it beside the mass.", "",
+              "| encoder | attention mass on foreground | top-k IoU with foreground | entropy (1 = uniform) |",
+              "|---|---|---|---|"]
+    lines += [f"| {label} | {_cell(metrics, f'{key}_mass')} | {_cell(metrics, f'{key}_iou')} | "
+              f"{_cell(metrics, f'{key}_entropy')} |" for label, key in ROWS]
     lines += ["", f"Pretrained − random init (paired): mass {_cell(metrics, 'pretrain_minus_random_mass')}, "
                   f"IoU {_cell(metrics, 'pretrain_minus_random_iou')}.", ""]
     for title, path in (("attention maps", outputs.attention), ("every head", outputs.heads),

@@ -28,7 +28,7 @@ from model.beit import BeitMIM, load_encoder
 from model.classifier import load_classifier
 from model.checkpoints import WEIGHTS
 from model.engine import setup_distributed
-from model.foreground import foreground_patches, foreground_scores, mean_se
+from model.foreground import foreground_patches, foreground_scores, mean_se, normalised_entropy
 from model.reconstruct import masked_input, predicted_pixels, predicted_tokens
 from model.tokenizer import load_tokenizer
 from pipeline.classify import ClassifyDataset, open_labelled
@@ -121,6 +121,7 @@ def visualize(params: Params) -> dict:
             for name, (model, run) in models.items():
                 maps = cls_attention(model, run, images)  # [B, heads, N]
                 s = foreground_scores(maps.mean(1), fg)
+                s["entropy"] = normalised_entropy(maps.mean(1))  # [B]: all images, foreground or not
                 scores[name].append(s)
                 if take:
                     shown[name].append(maps[:take].cpu())
@@ -138,6 +139,8 @@ def visualize(params: Params) -> dict:
         # Paired over the same images: the gain pretraining brings over its own starting point.
         diff = cat(key, scores["pretrain"]) - cat(key, scores["random"])
         metrics[f"pretrain_minus_random_{key}"], metrics[f"pretrain_minus_random_{key}_se"] = mean_se(diff)
+    for name in MODELS:
+        metrics[f"{name}_entropy"], metrics[f"{name}_entropy_se"] = mean_se(cat("entropy", scores[name]))
     seconds = time.perf_counter() - t0
     click.echo(f"visualize: {seen} images x {len(models)} encoders in {seconds:.1f} s ({seen / seconds:.0f} img/s)")
 

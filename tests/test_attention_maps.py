@@ -7,7 +7,7 @@ import torch
 from model.attention_maps import AttentionRecorder, attention_output, cls_attention
 from model.beit import create_model
 from model.classifier import BeitClassifier
-from model.foreground import foreground_patches, foreground_scores, mean_se
+from model.foreground import foreground_patches, foreground_scores, mean_se, normalised_entropy
 
 
 def _trained_like(model):
@@ -91,3 +91,8 @@ def test_mean_se():
     m, se = mean_se(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert m == 2.5 and se == pytest.approx(math.sqrt(5 / 3) / 2)
     assert math.isnan(mean_se(torch.tensor([1.0]))[1])
+
+
+def test_normalised_entropy():
+    e = normalised_entropy(torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]))
+    assert torch.allclose(e, torch.tensor([1.0, 0.0, 0.5]), atol=1e-6)
