@@ -61,13 +61,15 @@ def test_dvc_repro_runs_the_pipeline_and_is_idempotent(project):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for out in ("data/shards/train/index.parquet", "data/tokens/train.zarr/zarr.json",
                 "models/tokenizer/tokenizer.json", "models/pretrain/model.safetensors",
-                "models/finetune/model.safetensors", "reports/results.md", "dvc.lock"):
+                "models/finetune/model.safetensors", "reports/results.md", "dvc.lock",
+                "metrics/visualize.json", "plots/attention.png", "plots/mim_recon.png"):
         assert (root / out).exists(), out
     pre = json.loads((root / "metrics/pretrain.json").read_text())
     assert pre["steps"] == 120 // 16 and 0.0 <= pre["eval_acc"] <= 1.0
     fine = json.loads((root / "metrics/finetune.json").read_text())
     assert 0.0 <= fine["top1"] <= fine["top5"] <= 1.0
     assert "BEiT-B" in (root / "reports/results.md").read_text()
+    assert "| pretrained |" in (root / "reports/results.md").read_text()  # the visualize section
     again = dvc(root, env, "repro", "pretrain", "report")
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
 
