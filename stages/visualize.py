@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.attention_maps import cls_attention
+from model.attention_scores import ForegroundRule, score_encoders
 from model.beit import BeitMIM, load_encoder
 from model.classifier import load_classifier
 from model.checkpoints import WEIGHTS
 from model.engine import setup_distributed
-from model.foreground import foreground_patches, foreground_scores, mean_se, normalised_entropy
+from model.foreground import foreground_scores
 from model.reconstruct import masked_input, predicted_pixels, predicted_tokens
 from model.tokenizer import load_tokenizer
 from pipeline.classify import ClassifyDataset, open_labelled
@@ -65,14 +65,22 @@ def encoders(params: Params, device: torch.device) -> dict[str, tuple[torch.nn.M
     return {"pretrain": (pre, pre.features), "random": (rand, rand.features), "finetune": (fine, fine.forward_blocks)}
 
 
-def reconstructions(params: Params, model: BeitMIM, images: torch.Tensor, images01: torch.Tensor) -> list:
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, S, S] -> [B, C, size, size] (antialiased bilinear); unchanged when S == size."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
+@torch.no_grad()
+def reconstructions(params: Params, model: BeitMIM, images01: torch.Tensor, mean: torch.Tensor,
+                    std: torch.Tensor) -> list:
     """(title, images [B, 3, S, S] in [0, 1]) columns of the reconstruction figure."""
-    c, loader = model.config, LoaderConfig()
+    c = model.config
+    images = (images01 - mean) / std  # [B, 3, S, S] as the encoder sees them
     gen = MaskGenerator(c.grid, params.mask)  # the run's mask_ratio / masking / blocks
     rng = np.random.default_rng(stable_hash("visualize-masks", params.seed))
     mask = torch.from_numpy(gen.batch(rng, len(images))).reshape(len(images), -1).to(images.device)  # [B, N]
-    mean = torch.tensor(loader.mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(loader.std, device=images.device).view(1, 3, 1, 1)
     cols = [("original", images01), ("masked input", masked_input(images01, mask, c.patch_size))]
     if c.target == "pixels":
         pred = predicted_pixels(model, images, mask) * std + mean  # [B, 3, S, S] in [0, 1]
@@ -84,15 +92,13 @@ def reconstructions(params: Params, model: BeitMIM, images: torch.Tensor, images
     if tuple(tok.grid) != c.grid or tok.vocab_size != c.vocab_size:
         raise ConfigError(f"{params.outputs.tokenizer.dir}: a {tok.grid} grid of {tok.vocab_size} codes, but the "
                           f"pretrained model predicts {c.grid} of {c.vocab_size}; rerun `beit pretrain` on its tokens")
-    size = (tok.input_size, tok.input_size)
     # The tokenizer sees the image at its own input size (as the tokenize stage renders views);
     # its decoded pictures come back at that size and are shown at the model's.
-    true_ids = tok.encode(F.interpolate(images01, size=size, mode="bilinear", antialias=True)
-                          if size != images01.shape[-2:] else images01)  # [B, h, w]
+    true_ids = tok.encode(resized(images01, tok.input_size))  # [B, h, w]
     pred_ids = predicted_tokens(model, images, mask, true_ids)  # [B, h, w]
-    back = lambda x: F.interpolate(x, size=images01.shape[-2:], mode="bilinear", antialias=True) if size != images01.shape[-2:] else x  # noqa: E731
-    return cols + [("tokenizer (true tokens)", back(tok.decode(true_ids)).clamp(0, 1)),
-                   ("prediction (masked)", back(tok.decode(pred_ids)).clamp(0, 1))]
+    size = images01.shape[-1]
+    return cols + [("tokenizer (true tokens)", resized(tok.decode(true_ids), size).clamp(0, 1)),
+                   ("prediction (masked)", resized(tok.decode(pred_ids), size).clamp(0, 1))]
 
 
 def visualize(params: Params) -> dict:
@@ -100,63 +106,34 @@ def visualize(params: Params) -> dict:
     device = setup_distributed(cfg.device).device
     models = encoders(params, device)
     pre = models["pretrain"][0]
-    grid, patch = pre.config.grid, pre.config.patch_size
     loader = LoaderConfig(num_workers=0)
     split = open_labelled(Path(params.outputs.shards) / params.data.eval_split)
     data = ClassifyDataset(split, loader, params.data.image_size, seed=0, train=False)
     mean = torch.tensor(loader.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(loader.std, device=device).view(1, 3, 1, 1)
-    scores: dict[str, list] = {m: [] for m in MODELS}
-    chance: list = []
-    shown: dict[str, list] = {"images": [], **{m: [] for m in MODELS}}
-    t0, seen = time.perf_counter(), 0
-    with torch.no_grad():
-        for batch in eval_batches(data, cfg.batch_size, 0, limit=cfg.images):
-            images = batch["image"].to(device)  # [B, 3, S, S] normalised
-            images01 = images * std + mean  # [B, 3, S, S] in [0, 1]
-            fg = foreground_patches(images01, patch, cfg.pixel_threshold, cfg.patch_share)  # [B, N]
-            take = max(0, cfg.show - seen)
-            if take:
-                shown["images"].append(images01[:take].cpu())
-            for name, (model, run) in models.items():
-                maps = cls_attention(model, run, images)  # [B, heads, N]
-                s = foreground_scores(maps.mean(1), fg)
-                s["entropy"] = normalised_entropy(maps.mean(1))  # [B]: all images, foreground or not
-                scores[name].append(s)
-                if take:
-                    shown[name].append(maps[:take].cpu())
-            chance.append(s)  # chance_* and kept depend on the foreground only, not on the model
-            seen += len(images)
-    if seen == 0:
-        raise ConfigError(f"{split.shard_dir}: no eval images to score")
-    cat = lambda key, rows: torch.cat([r[key] for r in rows]).cpu()  # noqa: E731
-    metrics = {"images": seen, "images_scored": int(cat("kept", chance).sum()),
-               "pixel_threshold": cfg.pixel_threshold, "patch_share": cfg.patch_share}
-    for key in ("mass", "iou"):
-        metrics[f"chance_{key}"], metrics[f"chance_{key}_se"] = mean_se(cat(f"chance_{key}", chance))
-        for name in MODELS:
-            metrics[f"{name}_{key}"], metrics[f"{name}_{key}_se"] = mean_se(cat(key, scores[name]))
-        # Paired over the same images: the gain pretraining brings over its own starting point.
-        diff = cat(key, scores["pretrain"]) - cat(key, scores["random"])
-        metrics[f"pretrain_minus_random_{key}"], metrics[f"pretrain_minus_random_{key}_se"] = mean_se(diff)
-    for name in MODELS:
-        metrics[f"{name}_entropy"], metrics[f"{name}_entropy_se"] = mean_se(cat("entropy", scores[name]))
+    rule = ForegroundRule(pre.config.patch_size, cfg.pixel_threshold, cfg.patch_share)
+    batches = (b["image"].to(device) for b in eval_batches(data, cfg.batch_size, 0, limit=cfg.images))
+    t0 = time.perf_counter()
+    try:
+        scores, shown = score_encoders(models, batches, mean, std, rule, cfg.show)
+    except ValueError as err:
+        raise ConfigError(f"{split.shard_dir}: {err} (data.eval_split is empty?)") from None
     seconds = time.perf_counter() - t0
-    click.echo(f"visualize: {seen} images x {len(models)} encoders in {seconds:.1f} s ({seen / seconds:.0f} img/s)")
+    click.echo(f"visualize: {scores['images']} images x {len(models)} encoders in {seconds:.1f} s "
+               f"({scores['images'] / seconds:.0f} img/s)")
+    metrics = {**scores, "pixel_threshold": cfg.pixel_threshold, "patch_share": cfg.patch_share}
 
-    images01 = torch.cat(shown["images"])  # [show, 3, S, S]
-    maps = {m: torch.cat(shown[m]) for m in MODELS}  # [show, heads, N] each
-    fg = foreground_patches(images01, patch, cfg.pixel_threshold, cfg.patch_share)  # [show, N]
-    per = {m: foreground_scores(maps[m].mean(1), fg) for m in MODELS}
+    fg = rule(shown.images01)  # [show, N]
     notes = []
     for m in MODELS:  # each tile's own mass on the foreground, blank where the image has none
-        kept_mass = iter(per[m]["mass"].tolist())
-        notes.append([f"fg mass {next(kept_mass):.2f}" if k else "" for k in per[m]["kept"].tolist()])
-    save_attention_grid(images01, fg, [(TITLES[m], maps[m].mean(1)) for m in MODELS], grid, out.attention, notes)
-    save_head_grid(images01, [(TITLES[m], maps[m]) for m in MODELS], grid, out.heads)
-    normed = ((images01.to(device) - mean) / std)
-    with torch.no_grad():
-        save_image_rows(reconstructions(params, pre, normed, images01.to(device)), out.recon)
+        s = foreground_scores(shown.maps[m].mean(1), fg)
+        mass = iter(s["mass"].tolist())
+        notes.append([f"fg mass {next(mass):.2f}" if k else "" for k in s["kept"].tolist()])
+    grid = pre.config.grid
+    save_attention_grid(shown.images01, fg, [(TITLES[m], shown.maps[m].mean(1)) for m in MODELS], grid,
+                        out.attention, notes)
+    save_head_grid(shown.images01, [(TITLES[m], shown.maps[m]) for m in MODELS], grid, out.heads)
+    save_image_rows(reconstructions(params, pre, shown.images01.to(device), mean, std), out.recon)
     write_json(out.metrics, metrics)
     return metrics
 
