@@ -17,7 +17,9 @@ renormalised over patches):
 Images with no foreground patch (or all patches foreground) say nothing and are left out.
 IoU uses only the ranking, so a near-uniform map (a random init) can score well away from
 chance when its tiny differences follow the content (all-black patches embed alike); read it
-beside the mass and the map's entropy (`normalised_entropy`: 1 = uniform).
+beside the mass and the map's entropy (`normalised_entropy`: 1 = uniform). Measured: two random
+micro inits on the same 1,000 Fashion-MNIST test images gave IoU 0.18 and 0.50 (standard error
+0.005 each) at chance 0.33, while their mass stayed at chance (0.479, 0.481 vs 0.480).
 """
 from __future__ import annotations
 
