@@ -49,11 +49,16 @@ def predicted_pixels(model: BeitMIM, images: torch.Tensor, mask: torch.Tensor) -
     return unpatchify(patches, c.patch_size, c.in_chans, c.grid)  # [B, C, S, S]
 
 
-def masked_input(images01: torch.Tensor, mask: torch.Tensor, patch: int, fill: float = 0.5) -> torch.Tensor:
-    """images [B, C, S, S] in [0, 1] with the masked patches (mask bool [B, N]) painted `fill`:
-    what the encoder is shown (it sees the mask token there)."""
+MASK_COLOUR = (0.25, 0.4, 0.75)  # blue: on grey images a grey fill would pass for the object
+
+
+def masked_input(images01: torch.Tensor, mask: torch.Tensor, patch: int,
+                 fill: float | tuple[float, ...] = MASK_COLOUR) -> torch.Tensor:
+    """images [B, C, S, S] in [0, 1] with the masked patches (mask bool [B, N]) painted `fill`
+    (a value, or one per channel): what the encoder is shown (it sees the mask token there)."""
     B, _, S, _ = images01.shape
     g = S // patch
     cover = mask.reshape(B, 1, g, g).float()  # [B, 1, h, w]
     cover = cover.repeat_interleave(patch, 2).repeat_interleave(patch, 3).bool()  # [B, 1, S, S]
-    return torch.where(cover, torch.full_like(images01, fill), images01)  # [B, C, S, S]
+    colour = torch.as_tensor(fill, dtype=images01.dtype, device=images01.device).reshape(-1, 1, 1)  # [C or 1, 1, 1]
+    return torch.where(cover, colour.expand_as(images01[0]), images01)  # [B, C, S, S]
