@@ -31,18 +31,19 @@ def attention_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return q, k, v
 
 
-def attention_weights(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None
-                      ) -> torch.Tensor:
-    """softmax(q k^T * scale + relative position bias) [B, H, T, T] of timm's BEiT `Attention`
+def attention_weights(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None,
+                      queries: slice = slice(None)) -> torch.Tensor:
+    """softmax(q k^T * scale + relative position bias) [B, H, Q, T] of timm's BEiT `Attention`
     on x [B, T, D]: the block's own table (if it has one) plus the shared bias (if given),
-    exactly the terms timm adds before its softmax."""
+    exactly the terms timm adds before its softmax. `queries` picks the Q query rows (all by
+    default; slice(0, 1): the CLS row only, T times less memory, which ViT-B at 224 px needs)."""
     q, k, _ = attention_qkv(attn, x)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, T, T]
+    logits = (q[:, :, queries] * attn.scale) @ k.transpose(-2, -1)  # [B, H, Q, T]
     if getattr(attn, "relative_position_bias_table", None) is not None:
-        logits = logits + attn._get_rel_pos_bias()  # [1, H, T, T]
+        logits = logits + attn._get_rel_pos_bias()[:, :, queries]  # [1, H, Q, T]
     if shared_rel_pos_bias is not None:
-        logits = logits + shared_rel_pos_bias  # [H, T, T]
-    return logits.softmax(dim=-1)  # [B, H, T, T]
+        logits = logits + shared_rel_pos_bias[..., queries, :]  # [H, Q, T]
+    return logits.softmax(dim=-1)  # [B, H, Q, T]
 
 
 def attention_output(attn: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -55,18 +56,20 @@ def attention_output(attn: nn.Module, x: torch.Tensor, weights: torch.Tensor) ->
 
 class AttentionRecorder:
     """Context manager: while active, every forward of `block` (a timm BEiT Block) stores its
-    attention weights [B, H, T, T] in `.weights` (the last call's), computed explicitly from the
-    input its `attn` received. The model's own forward is unchanged."""
+    attention weights [B, H, Q, T] (`queries` rows, all by default) in `.weights` (the last
+    call's), computed explicitly from the input its `attn` received. The model's own forward
+    is unchanged."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, queries: slice = slice(None)):
         self.block = block
+        self.queries = queries
         self.weights: Optional[torch.Tensor] = None
         self._handle = None
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         x = args[0]  # [B, T, D]: norm1 of the block input
         shared = kwargs.get("shared_rel_pos_bias", args[1] if len(args) > 1 else None)
-        self.weights = attention_weights(module, x, shared).detach()
+        self.weights = attention_weights(module, x, shared, self.queries).detach()
 
     def __enter__(self) -> "AttentionRecorder":
         self._handle = self.block.attn.register_forward_hook(self._hook, with_kwargs=True)
@@ -83,9 +86,9 @@ def cls_attention(model: nn.Module, run: Callable[[torch.Tensor], object], image
     last), per head: images [B, C, H, W] -> [B, heads, N], each row renormalised over the N
     patches (the CLS key's own weight left out, so a uniform map is 1/N everywhere).
     `run(images)` is the model's forward up to (at least) that block."""
-    with AttentionRecorder(model.blocks[block]) as rec:
+    with AttentionRecorder(model.blocks[block], queries=slice(0, 1)) as rec:
         run(images)
     if rec.weights is None:
         raise RuntimeError(f"block {block} did not run in the given forward")
-    to_patches = rec.weights[:, :, 0, 1:].float()  # [B, heads, N]: CLS query row, patch keys
+    to_patches = rec.weights[:, :, 0, 1:].float()  # [B, heads, N]: the CLS query row, patch keys
     return to_patches / to_patches.sum(-1, keepdim=True)  # [B, heads, N]

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model.attention_maps import AttentionRecorder, attention_output, cls_attention
+from model.attention_maps import (AttentionRecorder, attention_output, attention_qkv, attention_weights,
+                                  cls_attention)
 from model.beit import create_model
 from model.classifier import BeitClassifier
 from model.foreground import foreground_patches, foreground_scores, mean_se, normalised_entropy
@@ -41,8 +42,12 @@ def test_explicit_weights_reproduce_the_block(kind):
     h = x + block.gamma_1 * attention_output(block.attn, block.norm1(x), w)
     rebuilt = h + block.gamma_2 * block.mlp(block.norm2(h))
     assert torch.allclose(rebuilt, seen["out"], atol=1e-5)
-    # And without the relative bias the output differs: the bias is part of what is shown.
-    assert not torch.allclose(attention_output(block.attn, block.norm1(x), w.softmax(-1)),
+    # The CLS row alone (what cls_attention records) is the full matrix's first row.
+    assert torch.allclose(attention_weights(block.attn, block.norm1(x), shared, slice(0, 1)), w[:, :, :1], atol=1e-6)
+    # Leaving the relative bias out changes the output: the test would notice a missing term.
+    q, k, _ = attention_qkv(block.attn, block.norm1(x))
+    unbiased = ((q * block.attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, H, T, T]
+    assert not torch.allclose(attention_output(block.attn, block.norm1(x), unbiased),
                               block.attn(block.norm1(x), shared_rel_pos_bias=shared), atol=1e-3)
 
 
