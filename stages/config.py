@@ -167,6 +167,7 @@ class PretrainConfig:
     blocks: BlockShape = BlockShape()  # with top-level masking + mask_ratio: the mask generator
     drop_path: Optional[float] = None  # None: the model size's default
     eval_batches: int = 20  # held-out batches for the final masked-token accuracy
+    attention: Literal["timm", "math", "sdpa", "flex"] = "timm"  # model/attention.py; timm: today's forward
 
 
 @dataclasses.dataclass(frozen=True)
