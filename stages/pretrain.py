@@ -128,6 +128,8 @@ def run(params: Params, env: Dist, stop_after: Optional[int], verify: bool = Fal
     spec = open_tokens(train.token_path).spec
     model = build_model(params, spec.vocab_size, spec.grid)
     masks = MaskGenerator(model.config.grid, params.mask)
+    if env.device.type == "cuda":  # the static-shape gather of masked rows: no host sync per step
+        model.masked_per_image = masks.num_masked  # (CPU keeps boolean indexing: today's exact path)
     size, micro = model.config.img_size, micro_batch(cfg.loop, env, "pretrain")
     data = MIMDataset(train, cfg.loader, size, masks, params.seed)
     plan = plan_steps(lambda e: epoch_steps(train, micro, cfg.loader.num_workers, params.seed, e, env.world),
