@@ -3,13 +3,14 @@
   dvae   our trained dVAE (default: /work/base/models/tokenizer, else --dvae PATH) on the
          tokenizer's views of real shard images (data/shards test split)
   dalle  the DALL-E encoder architecture with random weights (its trained weights are not
-         redistributable) at --dalle-hid width, 112 px views of the same images
+         redistributable) at --dalle-hid width, or a converted encoder (--dalle PATH), on
+         112 px views of the same images
 
 Prints the share of grid positions whose bf16 id equals the fp32 id; the stage allows
 tokenize.precision: bf16 only at >= 99.5% (model/tokenizer.py BF16_MIN_AGREEMENT) and checks
 it again on every shard's first batch.
 
-Usage: OMP_NUM_THREADS=1 python bench/tokenizer_bf16.py [--images 256] [--dalle-hid 64]
+Usage: OMP_NUM_THREADS=1 python bench/tokenizer_bf16.py [--images 256] [--dalle-hid 64] [--dalle models/dalle]
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--dalle-hid", type=int, default=64)
     ap.add_argument("--dalle-images", type=int, default=32)
+    ap.add_argument("--dalle", default=None, help="a `beit convert-dalle` folder: its trained weights instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -60,10 +62,13 @@ def main() -> None:
         tok = load_tokenizer(args.dvae)
         rows.append(("dvae " + args.dvae, tok.input_size, agreement(tok, views(Path(args.shards), args.images, tok.input_size))))
     torch.manual_seed(0)
-    cfg = DalleConfig(n_hid=args.dalle_hid)
-    tok = Tokenizer(DalleVAE(cfg), "dalle", "random")
-    rows.append((f"dalle random n_hid={args.dalle_hid}", cfg.image_size,
-                 agreement(tok, views(Path(args.shards), args.dalle_images, cfg.image_size), batch=16)))
+    if args.dalle:
+        tok, name = load_tokenizer(args.dalle), f"dalle {args.dalle}"
+    else:
+        tok, name = Tokenizer(DalleVAE(DalleConfig(n_hid=args.dalle_hid)), "dalle", "random"), \
+            f"dalle random n_hid={args.dalle_hid}"
+    rows.append((name, tok.input_size,
+                 agreement(tok, views(Path(args.shards), args.dalle_images, tok.input_size), batch=16)))
     print(f"{'tokenizer':40s} {'px':>4s} {'bf16 == fp32 ids':>17s}  verdict (>= {BF16_MIN_AGREEMENT:.1%})")
     for name, px, share in rows:
         print(f"{name:40s} {px:4d} {share:17.4%}  {'bf16 ok' if share >= BF16_MIN_AGREEMENT else 'keep fp32'}")
