@@ -102,7 +102,7 @@ class Stepper:
                     loss, metrics = loss_fn(self.net, batch)
                 self.scaler.scale(loss / n).backward()
             seen.append(("loss", loss.detach().float()))
-            seen.extend((k, torch.as_tensor(v).detach()) for k, v in metrics.items())
+            seen.extend((k, v.detach() if torch.is_tensor(v) else float(v)) for k, v in metrics.items())
         grad_norm = None
         if self.cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
@@ -110,16 +110,16 @@ class Stepper:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        tensors = [t for _, t in seen] + ([] if grad_norm is None else [grad_norm])
+        tensors = [v for _, v in seen if torch.is_tensor(v)] + ([] if grad_norm is None else [grad_norm])
         # float64 holds every fp32 / int64 scalar exactly: the same Python floats, summed in the
         # same order, as reading each one with .item()
-        dev = seen[0][1].device if seen else self.env.device
-        values = torch.stack([t.to(dev, torch.float64).reshape(()) for t in tensors]).tolist()  # the one sync
+        dev = tensors[0].device
+        read = iter(torch.stack([t.to(dev, torch.float64).reshape(()) for t in tensors]).tolist())  # the one sync
         totals: dict[str, float] = {}
-        for (k, _), v in zip(seen, values):
-            totals[k] = totals.get(k, 0.0) + v / n
+        for k, v in seen:
+            totals[k] = totals.get(k, 0.0) + (next(read) if torch.is_tensor(v) else v) / n
         if grad_norm is not None:
-            totals["grad_norm"] = values[-1]
+            totals["grad_norm"] = next(read)
         return totals
 
 
