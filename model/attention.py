@@ -58,23 +58,23 @@ def attend_sdpa(q, k, v, bias, scale: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # [B, H, N, d]
 
 
-_FLEX = None
+_FLEX: dict = {}
 
 
-def _flex():
-    """flex_attention, compiled where inductor can fuse it (CUDA); eager elsewhere."""
-    global _FLEX
-    if _FLEX is None:
+def _flex(device: torch.device):
+    """flex_attention, compiled where inductor fuses it into one kernel (CUDA); eager elsewhere
+    (on CPU a reference that materialises the scores, forward only in torch 2.14)."""
+    if device.type not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
-    return _FLEX
+        _FLEX[device.type] = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+    return _FLEX[device.type]
 
 
 def attend_flex(q, k, v, bias, scale: float) -> torch.Tensor:
     """As attend_math, on FlexAttention: the bias is read inside the kernel per (b, h, q, kv)."""
     if bias is None:
-        return _flex()(q, k, v, scale=scale)  # [B, H, N, d]
+        return _flex(q.device)(q, k, v, scale=scale)  # [B, H, N, d]
     per_batch = bias.shape[0] != 1
     bias = bias if per_batch else bias[0]  # [B, H, N, N] or [H, N, N]
 
@@ -82,7 +82,7 @@ def attend_flex(q, k, v, bias, scale: float) -> torch.Tensor:
         return score + (bias[b, h, q_idx, kv_idx] if per_batch else bias[h, q_idx, kv_idx])
 
     # flex computes in the inputs' dtype; the bias joins the fp32 score, as in the math path
-    return _flex()(q, k, v, score_mod=add_bias, scale=scale)  # [B, H, N, d]
+    return _flex(q.device)(q, k, v, score_mod=add_bias, scale=scale)  # [B, H, N, d]
 
 
 ATTEND = {"math": attend_math, "sdpa": attend_sdpa, "flex": attend_flex}
