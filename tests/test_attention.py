@@ -99,3 +99,20 @@ def test_unknown_impl_is_an_error():
     with pytest.raises(ValueError, match="attention='fast'"):
         use_attention(create_model("micro", img_size=16, depth=1, vocab_size=32), "fast")
     assert set(IMPLS) == {"timm", "math", "sdpa", "flex"}
+
+
+def test_pretrain_param_selects_the_kernel_and_only_a_non_default_changes_the_run(tmp_path):
+    import dataclasses
+
+    from helpers import tiny_params
+    from model.attention import BiasAttention
+    from stages.pretrain import build_model, run_fingerprint
+
+    params = tiny_params(tmp_path)
+    fused = dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, attention="sdpa"))
+    assert params.pretrain.attention == "timm"
+    model = build_model(fused, 64, (8, 8))
+    assert {m.attn_impl for m in model.modules() if isinstance(m, BiasAttention)} == {"sdpa"}
+    assert run_fingerprint(fused, {}) != run_fingerprint(params, {})
+    math = dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, attention="math"))
+    assert len({run_fingerprint(p, {}) for p in (params, fused, math)}) == 3
