@@ -26,6 +26,7 @@ from pipeline.views import View
 from stages.config import ConfigError, Params, TokenizeConfig, load_params
 from stages.errors import one_line_errors
 
+
 class BF16Mismatch(ValueError):
     """bf16 token ids too far from the fp32 ones for this tokenizer."""
 
