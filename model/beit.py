@@ -181,11 +181,30 @@ class BeitMIM(nn.Module):
         x = torch.einsum("bcipjq->bijpqc", x)  # [B, h, w, P, P, C]
         return x.reshape(B, h * w, p * p * C)  # [B, N, P*P*C]
 
+    # Set (by the stage) to the number of masked patches in *every* image when the mask
+    # generator guarantees it (pipeline/masking.py: the exact count, always): the masked rows
+    # are then gathered at a static shape. Boolean indexing (None, the default) must read the
+    # mask's count back to the host first, a sync per step on CUDA.
+    masked_per_image: Optional[int] = None
+
+    def masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, N, ...] at the masked positions of mask bool [B, N] -> [M, ...], rows in
+        row-major (b, n) order: x[mask], without a host sync when masked_per_image is set."""
+        k = self.masked_per_image
+        if k is None:
+            return x[mask]  # [M, ...]
+        B, N = mask.shape
+        # A stable descending sort puts the k masked positions first, in ascending n: the
+        # rows x[mask] has, in its order.
+        idx = mask.to(torch.int32).argsort(dim=1, descending=True, stable=True)[:, :k]  # [B, k]
+        idx = idx.reshape(B, k, *([1] * (x.dim() - 2))).expand(B, k, *x.shape[2:])  # [B, k, ...]
+        return x.gather(1, idx).reshape(B * k, *x.shape[2:])  # [M = B*k, ...]
+
     def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The LM head's output at the masked positions: images [B, C, H, W], mask bool [B, N]
         -> [M, V] token logits (or [M, P*P*C] pixels), rows in row-major (b, n) order."""
         x = self.forward_encoder(images, mask)  # [B, 1+N, D]
-        x = x[:, 1:][mask]  # [M, D]: masked positions only
+        x = self.masked(x[:, 1:], mask)  # [M, D]: masked positions only
         if x.shape[0] == 0:
             raise ValueError("mask has no masked positions: the loss would be NaN (mean over nothing)")
         return self.lm_head(x)  # [M, V] or [M, P*P*C]
@@ -210,12 +229,12 @@ class BeitMIM(nn.Module):
             if targets is None or tuple(targets.shape) != (B, *c.grid):
                 shape = None if targets is None else tuple(targets.shape)
                 raise ValueError(f"targets shape {shape}: expected token ids (B, h, w) = ({B}, {c.grid[0]}, {c.grid[1]})")
-            labels = targets.reshape(B, -1)[mask].long()  # [M]
+            labels = self.masked(targets.reshape(B, -1), mask).long()  # [M]
             loss = F.cross_entropy(out.float(), labels)
             acc = (out.detach().argmax(-1) == labels).float().mean()
             return loss, {"acc": acc, "num_masked": num_masked}
         # Pixels (MAE norm_pix_loss): each patch normalised by its own mean/var.
-        patches = self.patchify(images)[mask].float()  # [M, P*P*C]
+        patches = self.masked(self.patchify(images), mask).float()  # [M, P*P*C]
         mean = patches.mean(dim=-1, keepdim=True)  # [M, 1]
         var = patches.var(dim=-1, keepdim=True)  # [M, 1]
         patches = (patches - mean) / (var + 1e-6).sqrt()  # [M, P*P*C]

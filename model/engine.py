@@ -40,6 +40,10 @@ def setup_distributed(device: str = "auto") -> Dist:
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+        # fp32 matmuls (outside autocast: the optimizer, fp32 eval) on TF32 tensor cores;
+        # CPU numbers are untouched by these flags.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local, dev)
@@ -86,7 +90,9 @@ class Stepper:
     def step(self, micro_batches: list, loss_fn: Callable[[torch.nn.Module, dict], tuple]) -> dict:
         """loss_fn(net, batch) -> (loss, metrics). Averages over micro-batches."""
         n = len(micro_batches)
-        totals: dict[str, float] = {}
+        # Device scalars are kept and read back once, after the optimizer step, so the GPU
+        # never waits on the host mid-step (a .item() per micro-batch was a sync each).
+        seen: list[tuple[str, torch.Tensor]] = []
         for i, batch in enumerate(micro_batches):
             # Skip the gradient all-reduce on all but the last micro-batch.
             sync = i == n - 1 or not isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
@@ -95,16 +101,25 @@ class Stepper:
                 with self.autocast():
                     loss, metrics = loss_fn(self.net, batch)
                 self.scaler.scale(loss / n).backward()
-            totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item() / n
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / n
+            seen.append(("loss", loss.detach().float()))
+            seen.extend((k, v.detach() if torch.is_tensor(v) else float(v)) for k, v in metrics.items())
+        grad_norm = None
         if self.cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                       self.cfg.clip_grad))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        tensors = [v for _, v in seen if torch.is_tensor(v)] + ([] if grad_norm is None else [grad_norm])
+        # float64 holds every fp32 / int64 scalar exactly: the same Python floats, summed in the
+        # same order, as reading each one with .item()
+        dev = tensors[0].device
+        read = iter(torch.stack([t.to(dev, torch.float64).reshape(()) for t in tensors]).tolist())  # the one sync
+        totals: dict[str, float] = {}
+        for k, v in seen:
+            totals[k] = totals.get(k, 0.0) + (next(read) if torch.is_tensor(v) else v) / n
+        if grad_norm is not None:
+            totals["grad_norm"] = next(read)
         return totals
 
 

@@ -144,3 +144,21 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
             raise UnreadableCheckpoint.at(dec, f"does not fit {CONFIG_NAME}: {' '.join(str(err).split())[:300]}",
                                           fix) from None
     return Tokenizer(model.to(device), kind, fp)
+
+
+BF16_MIN_AGREEMENT = 0.995  # share of positions whose bf16 argmax id must equal the fp32 one
+
+
+@torch.inference_mode()
+def encode_bf16(tok: Tokenizer, images: torch.Tensor) -> torch.Tensor:
+    """tok.encode under bf16 autocast (convolutions and matmuls in bf16): long [B, h, w]."""
+    with torch.autocast(tok.device.type, dtype=torch.bfloat16):
+        return tok.encode(images)
+
+
+@torch.inference_mode()
+def bf16_agreement(tok: Tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(bf16 ids [B, h, w], share of positions equal to the fp32 ids): the check that decides
+    whether a tokenizer may run in bf16 (>= BF16_MIN_AGREEMENT)."""
+    ids = encode_bf16(tok, images)  # [B, h, w]
+    return ids, float((ids == tok.encode(images)).float().mean())

@@ -8,6 +8,7 @@ whose worker died, which is safe because a task's writes are idempotent.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -37,7 +38,16 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
         return
     import dask
 
-    resources = {"GPU": 1} if cfg.device == "cuda" else None
+    if cfg.device == "cuda":
+        cluster = gpu_cluster(cfg)
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
+        return
+    resources = None
     # Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc hand the tokenizer's large
     # activations back to the OS after every forward and fault them in again (measured:
     # ~2x slower encode on CPU). Keeping them mapped is the right trade for a compute worker.
@@ -54,6 +64,65 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
     finally:
         client.close()
         cluster.close()
+
+
+class NoGpuWorkers(ValueError):
+    """tokenize.cluster.device is cuda but no worker of the cluster advertises a GPU."""
+
+
+def gpu_ids(workers: int) -> list[str]:
+    """The GPUs of this host to put one worker each on: the first `workers` of
+    CUDA_VISIBLE_DEVICES when it is set, else 0..workers-1."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible and workers > len(visible):
+        raise NoGpuWorkers(f"tokenize.cluster.workers={workers} but CUDA_VISIBLE_DEVICES lists {len(visible)} "
+                           "GPU(s); set workers to at most that (one worker per GPU)")
+    return visible[:workers] if visible else [str(i) for i in range(workers)]
+
+
+def gpu_cluster(cfg: ClusterConfig) -> Any:
+    """One Dask worker per GPU, each advertising resources={"GPU": 1}: dask-cuda's
+    LocalCUDACluster where it is installed (`pip install .[gpu]`; it also sets up each
+    worker's CUDA context and memory), else worker processes pinned by CUDA_VISIBLE_DEVICES."""
+    ids = gpu_ids(cfg.workers)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        LocalCUDACluster = None
+    if LocalCUDACluster is not None:
+        return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(ids), threads_per_worker=cfg.threads_per_worker,
+                                resources={"GPU": 1}, dashboard_address=None, silence_logs=40)
+    from dask.distributed import Nanny, Scheduler, SpecCluster
+
+    # LocalCluster gives every worker the same environment; a SpecCluster is LocalCluster
+    # with one spec per worker, so each gets its own CUDA_VISIBLE_DEVICES (seen as cuda:0).
+    workers = {
+        i: {"cls": Nanny, "options": {
+            "nthreads": cfg.threads_per_worker, "resources": {"GPU": 1}, "name": i, "silence_logs": 40,
+            "env": {"CUDA_VISIBLE_DEVICES": gpu, "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}}
+        for i, gpu in enumerate(ids)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+
+
+def require_gpu_workers(client: Any, wait_s: float = 5.0) -> int:
+    """The number of workers advertising a GPU resource; NoGpuWorkers after `wait_s` seconds
+    without one (workers still joining get that long), rather than tasks queued forever."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        gpus = sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) >= 1)
+        if gpus or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if not gpus:
+        where = getattr(client, "scheduler", None)
+        where = getattr(where, "address", None) or "the cluster"
+        raise NoGpuWorkers(f"tokenize.cluster.device=cuda but none of the {len(workers)} worker(s) at {where} "
+                           "advertises a GPU resource: start them with `dask worker ADDRESS --resources GPU=1` "
+                           "(one per GPU, CUDA_VISIBLE_DEVICES pinned) or set tokenize.cluster.device: cpu")
+    return gpus
 
 
 def worker_device(requested: str) -> str:
@@ -102,6 +171,8 @@ def run_per_shard(
     from dask.distributed import as_completed
 
     resources = {"GPU": 1} if cfg.device == "cuda" else None
+    if resources:
+        require_gpu_workers(client)
     futures = [
         client.submit(task, s, pure=False, retries=cfg.retries, resources=resources,
                       key=f"{desc}-{s}-{time.time_ns()}", **task_kwargs)

@@ -162,6 +162,7 @@ class TokenizeConfig:
     format: Literal["zarr", "parquet"] = "zarr"
     batch_size: int = 64  # views per tokenizer forward
     cluster: ClusterConfig = ClusterConfig()
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast, checked per shard against fp32 (>= 99.5% ids equal)
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -178,6 +179,7 @@ class PretrainConfig:
     blocks: BlockShape = BlockShape()  # with top-level masking + mask_ratio: the mask generator
     drop_path: Optional[float] = None  # None: the model size's default
     eval_batches: int = 20  # held-out batches for the final masked-token accuracy
+    attention: Literal["timm", "math", "sdpa", "flex"] = "timm"  # model/attention.py; timm: today's forward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Optional
 import click
 import torch
 
+from model.attention import use_attention
 from model.beit import create_model
 from model.checkpoints import save_checkpoint
 from model.engine import Dist, Stepper, all_mean, setup_distributed, teardown_distributed
@@ -42,7 +43,9 @@ def run_fingerprint(params: Params, token_fps: dict) -> str:
                              "target": params.target, "model": params.model,
                              "loop": cfg.loop.trajectory(), "optim": dataclasses.asdict(cfg.optim),
                              "loader": dataclasses.asdict(cfg.loader),
-                             "drop_path": cfg.drop_path, "tokens": token_fps})
+                             "drop_path": cfg.drop_path, "tokens": token_fps,
+                             # only when set: the default's run folder (named in its config.json) stays as it was
+                             **({"attention": cfg.attention} if cfg.attention != "timm" else {})})
 
 
 def build_model(params: Params, vocab_size: int, grid: tuple[int, int]):
@@ -56,6 +59,7 @@ def build_model(params: Params, vocab_size: int, grid: tuple[int, int]):
         model = create_model(params.model, **over)
     except ValueError as err:
         raise ConfigError(f"data.image_size={params.data.image_size} does not fit model {params.model}: {err}") from None
+    use_attention(model, params.pretrain.attention)  # parameters unchanged, only the kernel
     if params.target == "tokens" and tuple(grid) != model.config.grid:
         raise ConfigError(f"token grid {tuple(grid)} != {params.model} patch grid "
                           f"{model.config.grid}: pick a tokenizer whose grid matches the model")
@@ -124,6 +128,8 @@ def run(params: Params, env: Dist, stop_after: Optional[int], verify: bool = Fal
     spec = open_tokens(train.token_path).spec
     model = build_model(params, spec.vocab_size, spec.grid)
     masks = MaskGenerator(model.config.grid, params.mask)
+    if env.device.type == "cuda":  # the static-shape gather of masked rows: no host sync per step
+        model.masked_per_image = masks.num_masked  # (CPU keeps boolean indexing: today's exact path)
     size, micro = model.config.img_size, micro_batch(cfg.loop, env, "pretrain")
     data = MIMDataset(train, cfg.loader, size, masks, params.seed)
     plan = plan_steps(lambda e: epoch_steps(train, micro, cfg.loader.num_workers, params.seed, e, env.world),

@@ -26,6 +26,11 @@ from pipeline.views import View
 from stages.config import ConfigError, Params, TokenizeConfig, load_params
 from stages.errors import one_line_errors
 
+
+class BF16Mismatch(ValueError):
+    """bf16 token ids too far from the fp32 ones for this tokenizer."""
+
+
 _TOKENIZERS: dict = {}  # per worker process: (path, device) -> tokenizer, loaded once
 
 
@@ -40,18 +45,32 @@ def _tokenizer(path: str, device: str):
 
 def _task(s: int, *, shard_dir: str, token_out: str, split: str, fmt: str, spec: StoreSpec,
           tokenizer_path: str, view_cfg: ViewConfig, seed: int,
-          batch_size: int, device: str, threads: int) -> dict:
+          batch_size: int, device: str, threads: int, precision: str = "fp32") -> dict:
     """Runs on a Dask worker: tokenize data shard `s` and write its rows."""
+    from model.tokenizer import BF16_MIN_AGREEMENT, bf16_agreement, encode_bf16
+
     torch.set_num_threads(threads)
     start = time.perf_counter()
     dev = worker_device(device)
     tok = _tokenizer(tokenizer_path, dev)
     name = spec.shards[s]
     keys = read_index(shard_dir, ["key"], shard=name)["key"]
+    checked = []
 
     @torch.inference_mode()
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return tok.encode(x.to(dev))
+        x = x.to(dev, non_blocking=True)
+        if precision == "fp32":
+            return tok.encode(x)
+        if checked:
+            return encode_bf16(tok, x)
+        # the shard's first batch also runs in fp32: a deterministic check per shard
+        ids, agree = bf16_agreement(tok, x)
+        if agree < BF16_MIN_AGREEMENT:
+            raise BF16Mismatch(f"tokenize.precision=bf16: {name}: only {agree:.2%} of the first batch's token ids "
+                               f"match fp32 (< {BF16_MIN_AGREEMENT:.1%}); set tokenize.precision: fp32")
+        checked.append(agree)
+        return ids
 
     out_keys, tokens, views = tokenize_shard(
         Path(shard_dir) / name, encode, tok.input_size, view_cfg, seed, spec.views,
@@ -88,7 +107,9 @@ def tokenize(params: Params, split: str, replace_stale: bool = False, verify: bo
         views=cfg.views, grid=tuple(tok.grid), view_dim=View.K, vocab_size=tok.vocab_size,
         fingerprints={"shards": index_fingerprint(index), "tokenizer": tok.fingerprint,
                       "views": json_fingerprint({"seed": params.seed, "views": params.views,
-                                                 "input_size": tok.input_size})})
+                                                 "input_size": tok.input_size}),
+                      # only when set, so today's fp32 stores keep their fingerprints
+                      **({"precision": cfg.precision} if cfg.precision != "fp32" else {})})
     try:
         store = create_or_open(out, split, cfg.format, spec)
     except TokenStoreMismatch as err:
@@ -108,7 +129,8 @@ def tokenize(params: Params, split: str, replace_stale: bool = False, verify: bo
                 images_per_shard={s: spec.counts[s] for s in todo}, desc=f"tokenize {split}",
                 shard_dir=str(shard_dir), token_out=out, split=split, fmt=cfg.format, spec=spec,
                 tokenizer_path=str(tokenizer_path), view_cfg=params.views, seed=params.seed,
-                batch_size=cfg.batch_size, device=cluster.device, threads=cluster.threads_per_worker)
+                batch_size=cfg.batch_size, device=cluster.device, threads=cluster.threads_per_worker,
+                precision=cfg.precision)
     seconds = time.perf_counter() - start
     write_index(Path(out) / f"{split}.index.parquet", spec, [keys_by_shard[s] for s in shards])
     images = sum(spec.counts[s] for s in todo)
