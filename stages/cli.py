@@ -26,6 +26,8 @@ COMMANDS = {
     "knn": "stages.probe:knn_cli",
     "export-timm": "stages.export_timm:cli",
     "report": "stages.report:cli",
+    "shard-seg": "stages.shard_seg:cli",
+    "segment": "stages.segment:cli",
 }
 
 
