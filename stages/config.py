@@ -299,7 +299,7 @@ class SegmentConfig:
     image_size: Optional[int] = None  # train / eval side; None: segment.data.canvas
     head: SegHeadConfig = SegHeadConfig()
     augment: SegAugment = SegAugment()
-    loop: LoopConfig = LoopConfig(epochs=3, batch_size=16, warmup_epochs=0.2, checkpoint_every=100)
+    loop: LoopConfig = LoopConfig(epochs=2, batch_size=16, warmup_epochs=0.2, checkpoint_every=100)
     optim: OptimConfig = OptimConfig(lr=2e-3, min_lr=0.0, clip_grad=None, layer_decay=0.9)
     loader: LoaderConfig = LoaderConfig(num_workers=0)
     drop_path: float = 0.1
