@@ -124,7 +124,8 @@ def draw_samples(model: BeitSegmenter, dataset: SegDataset, count: int, path: st
     """The first `count` eval scenes (stored order): image / ground truth / prediction."""
     model.eval()
     batch = next(iter(eval_batches(dataset, count, 0, count)))
-    pred = model(batch["image"]).argmax(1)  # [N, S, S]
+    device = next(model.parameters()).device
+    pred = model(batch["image"].to(device)).argmax(1).cpu()  # [N, S, S]
     mean = torch.tensor(dataset.cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(dataset.cfg.std).view(1, 3, 1, 1)
     images = ((batch["image"] * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()

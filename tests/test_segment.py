@@ -300,3 +300,12 @@ def test_segment_without_a_pretrained_encoder_is_one_line(tmp_path):
     assert CliRunner().invoke(shard_cli, ["--params", str(tmp_path / "p.yaml"), "--no-progress"]).exit_code == 0
     res = CliRunner().invoke(cli, ["--params", str(tmp_path / "p.yaml")])
     assert res.exit_code == 1 and "no pretrained checkpoint" in res.output and "Traceback" not in res.output
+
+
+def test_poly_schedule():
+    from model.optim import lr_at, poly_lr_at
+
+    assert poly_lr_at(0, 100, 10, 1.0) == lr_at(0, 100, 10, 1.0)  # the same warmup
+    assert poly_lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert poly_lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)  # power 1: linear to min_lr
+    assert poly_lr_at(100, 100, 10, 1.0, 0.1) == 0.1 and poly_lr_at(150, 100, 10, 1.0, 0.1) == 0.1
