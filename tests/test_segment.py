@@ -309,3 +309,17 @@ def test_poly_schedule():
     assert poly_lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert poly_lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)  # power 1: linear to min_lr
     assert poly_lr_at(100, 100, 10, 1.0, 0.1) == 0.1 and poly_lr_at(150, 100, 10, 1.0, 0.1) == 0.1
+
+
+def test_segment_resumes_exactly(tmp_path):
+    from stages.segment import segment
+
+    params = _world(tmp_path)
+    params = dataclasses.replace(params, segment=dataclasses.replace(
+        params.segment, init="scratch", loop=dataclasses.replace(params.segment.loop, checkpoint_every=1)))
+    assert segment(params, stop_after=1) == {"stopped_at": 1}
+    resumed = segment(params)
+    fresh = segment(dataclasses.replace(params, outputs=dataclasses.replace(params.outputs,
+                                                                            runs=str(tmp_path / "runs2"))))
+    for k in ("miou", "pixel_acc", "train_loss", "per_class_iou"):
+        assert resumed[k] == fresh[k], k
