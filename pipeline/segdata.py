@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.schema import IGNORE_INDEX, LoaderConfig
 from pipeline.segsource import SEG_EXT, decode_mask
-from pipeline.shardread import CorruptShard, check_shards, decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
+from pipeline.shardread import (CorruptShard, check_shards, decode_rgb, image_bytes, index_file, read_index,
+                                sample_key, shard_keys)
 from pipeline.stream import ShardList, epoch_stream
 
 
