@@ -97,3 +97,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
         return min_lr
     progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def poly_lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0,
+               power: float = 1.0) -> float:
+    """mmseg's poly schedule after the same linear warmup as `lr_at`:
+    min_lr + (base_lr - min_lr) * (1 - progress) ** power; steps past the end stay at min_lr."""
+    if step < warmup_steps or total_steps < 1:
+        return lr_at(step, max(total_steps, 1), warmup_steps, base_lr, min_lr)
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
+    return min_lr + (base_lr - min_lr) * (1.0 - progress) ** power

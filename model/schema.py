@@ -107,3 +107,26 @@ class MixConfig:
     @property
     def enabled(self) -> bool:
         return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegHeadConfig:
+    """The segmentation decoder on the encoder's 4-level pyramid (model/segmentation.py)."""
+
+    kind: Literal["upernet", "fpn"] = "upernet"  # upernet: pyramid pooling on the top level + FPN; fpn: FPN only
+    channels: int = 64  # decoder width (BEiT-B's UperNet: 768)
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)  # PPM bins
+    aux_weight: float = 0.4  # auxiliary FCN head on pyramid level 3 (mmseg's in_index 2); 0: no aux head
+    dropout: float = 0.1  # before the classifier, as mmseg's decode heads
+    out_blocks: Optional[tuple[int, ...]] = None  # 4 block indices (0-based); None: evenly spaced (BEiT-B: 3,5,7,11)
+    schedule: Literal["poly", "cosine"] = "poly"  # lr after warmup: mmseg's poly (power 1) or cosine
+
+    def __post_init__(self) -> None:
+        if self.channels < 1:
+            raise ValueError(f"channels={self.channels}: must be >= 1")
+        if not self.pool_scales or any(s < 1 for s in self.pool_scales):
+            raise ValueError(f"pool_scales={list(self.pool_scales)}: must be one or more sizes >= 1")
+        if self.aux_weight < 0 or not 0 <= self.dropout < 1:
+            raise ValueError("aux_weight must be >= 0 and dropout in [0, 1)")
+        if self.out_blocks is not None and (len(self.out_blocks) != 4 or any(b < 0 for b in self.out_blocks)):
+            raise ValueError(f"out_blocks={list(self.out_blocks)}: must be 4 block indices >= 0, or null")

@@ -44,7 +44,10 @@ from pipeline.shardread import JPEG_MAGIC, pil_rgb
 # Listing a source (pipeline/sources.py) finds the last three: an entry or folder that may not be read,
 # a link to nothing, a link that loops (itself, or a folder back to one above it).
 REASONS = ("empty", "truncated", "not-an-image", "undecodable", "too-many-pixels", "unreadable",
-           "dangling-link", "link-loop")
+           "dangling-link", "link-loop",
+           # segmentation samples (pipeline/segsource.py): no label map, one of another size, a class id
+           # outside the class list
+           "mask-missing", "mask-size", "mask-class")
 EOI = b"\xff\xd9"
 # Signatures of formats we expect; a file that has one but PIL cannot identify is broken, not "not an image".
 IMAGE_MAGICS = (b"\x89PNG", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")

@@ -160,3 +160,56 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.workers < 0 or self.threads_per_worker < 1 or self.retries < 0:
             raise ValueError("workers must be >= 0, threads_per_worker >= 1, retries >= 0")
+
+
+SEG_SOURCES = ("scenes", "ade20k", "folder")
+IGNORE_INDEX = 255  # the label-map value no loss or metric counts (ADE's reduce_zero_label target)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegDataConfig:
+    """`beit shard-seg`: which segmentation source, and how its scenes are composed / stored.
+
+    scenes: deterministic scenes of Fashion-MNIST items (train scenes from train items, the
+    eval scenes from test items only); ade20k / folder: ROOT/images/<split>/*.jpg with
+    ROOT/annotations/<split>/<stem>.png (ADE20K's layout)."""
+
+    source: Literal["scenes", "ade20k", "folder"] = "scenes"
+    root: Optional[str] = None  # scenes: the Fashion-MNIST folder (None: the bundled copy); else the layout's root
+    splits: tuple[str, ...] = ("train", "test")  # ade20k: [training, validation]
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_classes: Optional[int] = None  # None: 11 for scenes (background + 10), 150 for ade20k; folder: required
+    reduce_zero_label: Optional[bool] = None  # mask 0 -> ignore, k -> k-1; None: true for ade20k only
+    canvas: int = 56  # scenes: square canvas side (px)
+    items: tuple[int, int] = (1, 4)  # scenes: items per scene, inclusive range
+    item_size: tuple[int, int] = (20, 36)  # scenes: pasted item side (px), inclusive range (items are 28 px)
+    train_scenes: int = 2000
+    eval_scenes: int = 500
+    scene_seed: int = 0  # the scenes are data: the same for every experiment seed
+    encode: EncodeConfig = EncodeConfig()  # shard-time resize etc.; masks follow with nearest neighbour
+
+    def __post_init__(self) -> None:
+        if self.source == "folder" and self.num_classes is None:
+            raise ValueError("source=folder needs num_classes (the label maps' class count)")
+        if self.num_classes is not None and not 1 <= self.num_classes <= IGNORE_INDEX:
+            raise ValueError(f"num_classes={self.num_classes}: must be in 1..{IGNORE_INDEX} (uint8 label maps, "
+                             f"{IGNORE_INDEX} = ignore)")
+        lo, hi = self.items
+        if not 1 <= lo <= hi:
+            raise ValueError(f"items={list(self.items)}: need 1 <= min <= max")
+        lo, hi = self.item_size
+        if not 4 <= lo <= hi <= self.canvas:
+            raise ValueError(f"item_size={list(self.item_size)}: need 4 <= min <= max <= canvas={self.canvas}")
+        if self.train_scenes < 1 or self.eval_scenes < 1:
+            raise ValueError("train_scenes and eval_scenes must be >= 1")
+
+    @property
+    def classes(self) -> int:
+        if self.num_classes is not None:
+            return self.num_classes
+        return 11 if self.source == "scenes" else 150
+
+    @property
+    def reduce_zero(self) -> bool:
+        return self.source == "ade20k" if self.reduce_zero_label is None else self.reduce_zero_label

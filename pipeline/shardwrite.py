@@ -175,10 +175,15 @@ def write_shard(
                     raw = source.read(entry)
                 except OSError as err:
                     raise Rejected("unreadable", f"{type(err).__name__}: {err.strerror or err}") from None
-                img = prepare(
-                    raw, resize_short=encode.resize_short, max_pixels=encode.max_pixels,
-                    jpeg_quality=encode.jpeg_quality, verify=encode.verify,
-                )
+                # A source with its own `prepare` (segmentation: image + label map) returns the
+                # stored image and the extra tar members that go with it.
+                if hasattr(source, "prepare"):
+                    img, extra = source.prepare(raw, encode)
+                else:
+                    img, extra = prepare(
+                        raw, resize_short=encode.resize_short, max_pixels=encode.max_pixels,
+                        jpeg_quality=encode.jpeg_quality, verify=encode.verify,
+                    ), ()
             except Rejected as rej:
                 if strict:
                     raise StrictFailure(f"{entry.path}: {rej.reason} ({rej.detail}); rerun without --strict to skip it") from None
@@ -196,6 +201,7 @@ def write_shard(
                     (f"{entry.key}.cls", str(entry.label).encode()),
                     (f"{entry.key}.{img.ext}", img.data),
                     (f"{entry.key}.json", _meta_json(meta).encode()),
+                    *((f"{entry.key}.{ext}", data) for ext, data in extra),
                 ))
                 samples.append({
                     "key": entry.key, "shard": task.tar, "position": len(samples), "label": entry.label,

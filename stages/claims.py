@@ -125,3 +125,18 @@ def judge(rows: list[dict]) -> list[dict]:
         out.append({"claim": claim, "gap": gap, "gap_sd": gap_sd, "n": (a["n"], b["n"]), "t": t,
                     "verdict": verdict(t, a["n"], b["n"], paper_gap), "paper_gap": paper_gap})
     return out
+
+
+# Paper Table 3: ADE20K semantic segmentation, mIoU (%), ViT-B + UperNet at 512 px.
+PAPER_SEGMENTATION = {
+    "supervised pre-training on ImageNet": 45.3,
+    "DINO (self-supervised)": 44.1,
+    "BEiT (self-supervised)": 45.6,
+    "BEiT + intermediate fine-tuning on ImageNet-1k": 47.7,
+}
+# (claim, better init, worse init, the paper's gap in mIoU points or None where Table 3 has no number)
+SEG_CLAIMS = (
+    ("pre-training beats training from scratch", "pretrain", "scratch", None),
+    ("intermediate fine-tuning beats pre-training alone", "intermediate", "pretrain",
+     PAPER_SEGMENTATION["BEiT + intermediate fine-tuning on ImageNet-1k"] - PAPER_SEGMENTATION["BEiT (self-supervised)"]),
+)

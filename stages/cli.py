@@ -27,6 +27,8 @@ COMMANDS = {
     "export-timm": "stages.export_timm:cli",
     "report": "stages.report:cli",
     "visualize": "stages.visualize:cli",
+    "shard-seg": "stages.shard_seg:cli",
+    "segment": "stages.segment:cli",
 }
 
 

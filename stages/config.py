@@ -23,9 +23,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from model.schema import DVAEConfig, DVAESchedule, MixConfig, OptimConfig
+from model.schema import DVAEConfig, DVAESchedule, MixConfig, OptimConfig, SegHeadConfig
 from pipeline.schema import (AugmentConfig, BlockShape, ClusterConfig, LoaderConfig, MaskingConfig,
-                             ShardConfig, ViewConfig)
+                             SegDataConfig, ShardConfig, ViewConfig)
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -88,6 +88,17 @@ def _train_outputs(name: str, folder: str = "models") -> TrainOutputs:
 
 
 @dataclasses.dataclass(frozen=True)
+class SegmentOutputs:
+    """`beit segment`: the model, its metrics (mIoU, per-class IoU, pixel accuracy), curve, plots."""
+
+    dir: str = "models/segment"
+    metrics: str = "metrics/segment.json"
+    curve: str = "plots/segment.tsv"
+    figure: str = "plots/segment.png"  # loss / mIoU / lr curves
+    samples: str = "plots/segment_samples.png"  # image / ground truth / prediction of fixed eval scenes
+
+
+@dataclasses.dataclass(frozen=True)
 class OutputsConfig:
     shards: str = "data/shards"  # <shards>/<split>/*.tar + index.parquet
     tokens: str = "data/tokens"  # <tokens>/<split>.zarr
@@ -100,6 +111,8 @@ class OutputsConfig:
     knn: MetricsOutput = MetricsOutput("metrics/knn.json")
     report: ReportOutputs = ReportOutputs()
     visualize: VisualizeOutputs = VisualizeOutputs()
+    seg_shards: str = "data/seg_shards"  # <seg_shards>/<split>/*.tar (+ KEY.seg.png label maps)
+    segment: SegmentOutputs = SegmentOutputs()
 
 
 # ------------------------------------------------------------------ stage sections
@@ -300,6 +313,48 @@ class VisualizeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SegAugment:
+    """Train-time geometry, applied identically to image and label map (pipeline/segdata.py)."""
+
+    scale: tuple[float, float] = (0.5, 2.0)  # rescale range of the long side relative to `image_size` (mmseg)
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale[0] <= self.scale[1] or not 0 <= self.flip_p <= 1:
+            raise ValueError(f"scale={list(self.scale)} must be 0 < lo <= hi and flip_p in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentConfig:
+    """`beit shard-seg` (data) and `beit segment` (the rest): semantic segmentation (paper Table 3)."""
+
+    init: Literal["pretrain", "intermediate", "scratch"] = "pretrain"  # intermediate: outputs.finetune's encoder
+    init_path: Optional[str] = None  # another checkpoint folder of that kind (None: outputs.pretrain / .finetune)
+    data: SegDataConfig = SegDataConfig()
+    image_size: Optional[int] = None  # train / eval side; None: segment.data.canvas
+    head: SegHeadConfig = SegHeadConfig()
+    augment: SegAugment = SegAugment()
+    loop: LoopConfig = LoopConfig(epochs=2, batch_size=16, warmup_epochs=0.2, checkpoint_every=100)
+    optim: OptimConfig = OptimConfig(lr=2e-3, min_lr=0.0, clip_grad=None, layer_decay=0.9)
+    loader: LoaderConfig = LoaderConfig(num_workers=0)
+    drop_path: float = 0.1
+    eval_samples: Optional[int] = None  # per-epoch eval subset; the last epoch scores the whole split
+    figure_scenes: int = 8  # first N eval scenes drawn as image / ground truth / prediction
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size={self.image_size}: must be >= 1 or null (the canvas)")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path={self.drop_path}: must be in [0, 1)")
+        if self.figure_scenes < 1:
+            raise ValueError(f"figure_scenes={self.figure_scenes}: must be >= 1")
+
+    @property
+    def size(self) -> int:
+        return self.image_size or self.data.canvas
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     seed: int = 0
     mask_ratio: float = 0.4
@@ -318,6 +373,7 @@ class Params:
     report: ReportConfig = ReportConfig()
     visualize: VisualizeConfig = VisualizeConfig()
     outputs: OutputsConfig = OutputsConfig()
+    segment: SegmentConfig = SegmentConfig()
 
     def __post_init__(self) -> None:
         _ = self.mask  # validates masking and mask_ratio, once, where the generator does

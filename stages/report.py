@@ -27,6 +27,7 @@ from stages.claims import METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, j
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.vis_report import load_visualize, visualize_section
+from stages.seg_report import segmentation_section
 
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
 
@@ -37,8 +38,8 @@ def metric_sources(params: Any) -> dict[str, Optional[str]]:
     Every path comes from params.outputs, the same values dvc.yaml interpolates.
     """
     out = params.outputs
-    return {name: getattr(out, name).metrics
-            for name in ("tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn")}
+    return {name: getattr(getattr(out, name, None), "metrics", None)
+            for name in ("tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn", "segment")}
 
 
 def load_metrics(sources: dict[str, Optional[str]], root: str | Path = ".") -> dict[str, Optional[dict]]:
@@ -92,6 +93,8 @@ ROWS = [
     ("Tokenizer", "floor: patch-mean reconstruction MSE", "tokenizer", "patch_mean_mse", "num", ""),
     ("Tokenizer", "floor: average-pool + bicubic MSE", "tokenizer", "avgpool_mse", "num", ""),
     ("Tokenizer", "all-background share of token cells (%)", "tokenizer", "background_share", "pct", ""),
+    ("Segmentation", "mIoU (%)", "segment", "miou", "pct", "45.6 (BEiT-B, ADE20K)"),
+    ("Segmentation", "pixel accuracy (%)", "segment", "pixel_acc", "pct", ""),
 ]
 
 
@@ -162,6 +165,9 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
     row["linear_probe_pixels"] = _metric_of(data, sources.get("linear_probe"), "pixels_top1")
     row["knn_pixels"] = _metric_of(data, sources.get("knn"), "pixels_top1")
     row["mim_acc"] = _metric_of(data, sources.get("pretrain"), "eval_acc")
+    seg = params.get("segment")
+    row["segment_init"] = seg.get("init") if isinstance(seg, dict) else None
+    row["segment_miou"] = _metric_of(data, sources.get("segment"), "miou")
     return row
 
 
@@ -298,6 +304,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
         lines += ["", f"{len(exps)} experiment(s) from `dvc exp show --json`; the paper's ablation "
                       "above is the reference for the direction of each change."]
         lines += claims_section(experiments or [])
+    lines += segmentation_section(experiments or [], metrics.get("segment"))
     return "\n".join(lines) + "\n"
 
 

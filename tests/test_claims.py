@@ -51,3 +51,26 @@ def test_paired_t_without_spread():
     assert paired_t(spread([2.0, 2.0, 2.0])) == math.inf  # the same gain every seed
     assert paired_t(spread([0.0, 0.0, 0.0])) == 0.0  # no gain at all is no evidence
     assert paired_t(spread([1.0])) is None
+
+
+def test_segmentation_orderings_over_seeds():
+    import pytest
+
+    from stages.seg_report import by_init, judge_segmentation, segmentation_section
+
+    def row(init, seed, miou, kind="experiment", masking="block"):
+        return {"kind": kind, "seed": seed, "masking": masking, "target": "tokens", "mask_ratio": 0.4,
+                "segment_init": init, "segment_miou": miou, "error": False}
+
+    rows = [row("scratch", s, 30.0 + s) for s in range(3)] + [row("pretrain", s, 40.0 + s) for s in range(3)]
+    rows += [row("intermediate", s, 40.5 + s) for s in range(3)]
+    rows += [row("pretrain", 0, 99.0, kind="workspace"), row("pretrain", 5, 99.0, masking="random")]
+    groups = by_init(rows)
+    assert groups["pretrain"] == {0: 40.0, 1: 41.0, 2: 42.0}  # committed rows win; other variants are left out
+    first, second = judge_segmentation(rows)
+    assert first["gap"] == pytest.approx(10.0) and first["verdict"] == "reproduced" and first["paper_gap"] is None
+    assert second["gap"] == pytest.approx(0.5) and second["verdict"] == "not reproduced"
+    assert second["paper_gap"] == pytest.approx(2.1)
+    md = "\n".join(segmentation_section(rows, {"init": "pretrain", "miou": 0.41, "pixel_acc": 0.9}))
+    assert "| pretrain | 0, 1, 2 | 41.00 ± 1.00 | 45.6 (BEiT (self-supervised)) |" in md
+    assert judge_segmentation(rows[:2])[0]["verdict"] == "needs 3 seeds"

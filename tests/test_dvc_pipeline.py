@@ -31,6 +31,9 @@ def tiny(raw: dict, root: Path) -> dict:
                      "loader": {"num_workers": 0, "shuffle_buffer": 20}, "label_fraction": 0.5,
                      "eval_samples": 20},
         "probe": {"batch_size": 32, "num_workers": 0, "epochs": 2, "train_fraction": None, "validation": 10},
+        "segment": {"data": {"root": str(root), "train_scenes": 16, "eval_scenes": 8, "canvas": 32,
+                             "item_size": [12, 24]},
+                    "head": {"channels": 8}, "loop": {"epochs": 1, "batch_size": 8, "log_every": 1}},
     })
 
 
@@ -61,7 +64,8 @@ def test_dvc_repro_runs_the_pipeline_and_is_idempotent(project):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for out in ("data/shards/train/index.parquet", "data/tokens/train.zarr/zarr.json",
                 "models/tokenizer/tokenizer.json", "models/pretrain/model.safetensors",
-                "models/finetune/model.safetensors", "reports/results.md", "dvc.lock",
+                "models/finetune/model.safetensors", "models/segment/model.safetensors",
+                "data/seg_shards/test/index.parquet", "reports/results.md", "dvc.lock",
                 "metrics/visualize.json", "plots/attention.png", "plots/mim_recon.png"):
         assert (root / out).exists(), out
     pre = json.loads((root / "metrics/pretrain.json").read_text())
