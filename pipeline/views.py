@@ -198,6 +198,12 @@ def apply_views(images: Sequence[torch.Tensor | np.ndarray], views: Sequence[Vie
 
     Images may differ in size; each must match its view's src_width x src_height.
     """
+    return finish_views(resize_views(images, views, size), views)
+
+
+def resize_views(images: Sequence[torch.Tensor | np.ndarray], views: Sequence[View], size: int) -> torch.Tensor:
+    """`apply_views` up to the resize: each view's box cropped from its fully decoded image and
+    resized, clamped to [0, 1]: float32 [B,3,size,size]; no flip, no jitter yet."""
     if len(images) != len(views):
         raise ValueError(f"{len(images)} images but {len(views)} views")
     if size < 1:
@@ -213,11 +219,21 @@ def apply_views(images: Sequence[torch.Tensor | np.ndarray], views: Sequence[Vie
         out.append(
             F.interpolate(crop.unsqueeze(0), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         )  # [1,3,size,size]
-    x = torch.cat(out).clamp_(0.0, 1.0)  # [B,3,size,size]; bicubic overshoots
+    return torch.cat(out).clamp_(0.0, 1.0)  # [B,3,size,size]; bicubic overshoots
+
+
+def finish_views(x: torch.Tensor, views: Sequence[View]) -> torch.Tensor:
+    """The steps after the resize: flip, then colour jitter, on float [B,3,S,S] in [0,1]
+    (in place where it can). pipeline/render.py calls it on crops resized another way."""
     flips = torch.tensor([v.flip for v in views], device=x.device)
     if flips.any():
         x[flips] = x[flips].flip(-1)
     return _jitter(x, views)
+
+
+def jitters(view: View) -> bool:
+    """Whether `finish_views` changes colours for this view (False: flip only)."""
+    return (view.brightness, view.contrast, view.saturation, view.hue) != (1.0, 1.0, 1.0, 0.0)
 
 
 def apply_view(image: torch.Tensor | np.ndarray, view: View, size: int) -> torch.Tensor:
