@@ -9,7 +9,9 @@ so a view must be reproducible later from a few numbers:
   the worker, the process, the order of calls or Python's `hash()`.
 - `apply_view(image, view, size)` renders the view at any output size. The
   tokenize stage and the trainer call this one function with different sizes,
-  so view parity holds by construction.
+  so view parity holds by construction. Readers of stored bytes go through
+  `pipeline/render.py: render_views`, which decodes JPEGs only as finely as the view
+  needs (DCT scaling) and renders everything else with `apply_views`' own steps.
 
 Rendering order: crop the box (integer pixels of the source image) -> resize
 to `size`x`size` with **bicubic, antialiased** interpolation (BEiT's train
