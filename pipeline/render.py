@@ -22,9 +22,9 @@ exactly as before: full decode (`decode_rgb`) + `views.resize_views` (float, tor
 
 Transport. `dtype=torch.uint8` returns the rendered views quantised to uint8
 (round(255 x)), what a DataLoader worker ships (4x fewer bytes than float32); the
-consumer calls `normalize` once, on its device. A JPEG chunk whose views do not jitter
-never leaves uint8 (PIL's resize output is flipped in place): the same bits as
-rendering in float and quantising, without the two float passes.
+consumer calls `normalize` once, on its device. A JPEG chunk whose views change colour by brightness alone (BEiT's jitter) never leaves uint8: PIL
+resizes, maps each value through a 256-entry table computed by the float path's own ops,
+and flips; the same bits as rendering in float and quantising, without the float passes.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from pipeline.shardread import JPEG_MAGIC, decode_rgb
-from pipeline.views import View, finish_views, jitters, resize_views
+from pipeline.views import View, finish_views, resize_views
 
 DCT_DENOMS = (8, 4, 2)  # libjpeg-turbo's SIMD IDCT scales (3/4, 7/8, ... are plain C and slower)
 _RGB_JPEG = ("YCbCr", "RGB", "Gray")  # what simplejpeg decodes to RGB (decode_rgb's fast path)
@@ -89,8 +89,38 @@ def dct_denom(view: View, size: int) -> int:
     return 1
 
 
+def _lut_only(view: View) -> bool:
+    """True when the view's colour change is a per-value function of the uint8 pixel
+    (brightness alone; contrast needs the view's mean, saturation its grey, hue HSV)."""
+    return (view.contrast, view.saturation, view.hue) == (1.0, 1.0, 0.0)
+
+
+def _brightness_lut(factor: float) -> bytes:
+    """256 entries: what finish_views' brightness blend then `quantize` make of each uint8
+    value, computed by the very same float32 torch ops (so the LUT is bit-exact)."""
+    x = torch.arange(256, dtype=torch.float32).div_(255.0).view(1, 1, 16, 16)  # [1,1,16,16]
+    f = torch.tensor([factor], dtype=torch.float32).view(-1, 1, 1, 1)
+    y = (f * x + (1.0 - f) * torch.zeros_like(x)).clamp_(0.0, 1.0)  # views._blend with zeros
+    return quantize(y).reshape(-1).numpy().tobytes()
+
+
+def _jpeg_view_u8(src: Encoded, view: View, size: int) -> np.ndarray:
+    """uint8 [size, size, 3], the whole view (resize, brightness, flip) in PIL's uint8 C code:
+    the bits of the float path quantised (`_brightness_lut`), without two float passes."""
+    im = _jpeg_resize(src, view, size)
+    if view.brightness != 1.0:
+        im = im.point(list(_brightness_lut(view.brightness)) * 3)  # one table per band
+    if view.flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(im)  # [size, size, 3]
+
+
 def _jpeg_view(src: Encoded, view: View, size: int) -> np.ndarray:
     """uint8 [size, size, 3]: the view's box resized from the JPEG decoded at its DCT scale."""
+    return np.asarray(_jpeg_resize(src, view, size))  # [size, size, 3]
+
+
+def _jpeg_resize(src: Encoded, view: View, size: int) -> Image.Image:
     if (src.height, src.width) != (view.src_height, view.src_width):
         raise ValueError(f"view was drawn for a {view.src_width}x{view.src_height} image, "
                          f"got {src.width}x{src.height}")
@@ -98,8 +128,7 @@ def _jpeg_view(src: Encoded, view: View, size: int) -> np.ndarray:
     # Reduced pixel i covers source pixels [i*d, (i+1)*d) (DCT scaling averages 8x8 blocks
     # into 8/d x 8/d), so source coordinate x sits at x/d: the box, exactly, in reduced pixels.
     box = (view.left / d, view.top / d, (view.left + view.width) / d, (view.top + view.height) / d)
-    out = src.scaled(d).resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return np.asarray(out)  # [size, size, 3]
+    return src.scaled(d).resize((size, size), Image.Resampling.BICUBIC, box=box)
 
 
 def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size: int,
@@ -115,19 +144,14 @@ def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size
     srcs = [s if isinstance(s, Encoded) else Encoded(s) for s in sources]
     jpeg = [i for i, s in enumerate(srcs) if s.jpeg]
     other = [i for i, s in enumerate(srcs) if not s.jpeg]
-    u8 = None
-    if jpeg:
-        u8 = torch.from_numpy(np.stack([_jpeg_view(srcs[i], views[i], size) for i in jpeg]))  # [J, S, S, 3]
-        u8 = u8.permute(0, 3, 1, 2)  # [J, 3, S, S] (strided view; made contiguous below)
-        if not other and dtype == torch.uint8 and not any(jitters(v) for v in views):
-            flips = torch.tensor([v.flip for v in views])
-            u8 = u8.contiguous()
-            if flips.any():
-                u8[flips] = u8[flips].flip(-1)
-            return u8  # [B, 3, S, S]; same bits as the float path below, quantised
+    if not other and dtype == torch.uint8 and all(_lut_only(v) for v in views):
+        # uint8 end to end; the same bits as the float path below, quantised (tests/test_render.py)
+        hwc = np.stack([_jpeg_view_u8(s, v, size) for s, v in zip(srcs, views)])  # [B, S, S, 3]
+        return torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()  # [B, 3, S, S]
     x = torch.empty(len(srcs), 3, size, size)  # [B, 3, S, S]
     if jpeg:
-        x[jpeg] = u8.float().div_(255.0)
+        u8 = torch.from_numpy(np.stack([_jpeg_view(srcs[i], views[i], size) for i in jpeg]))  # [J, S, S, 3]
+        x[jpeg] = u8.permute(0, 3, 1, 2).float().div_(255.0)  # [J, 3, S, S] in [0, 1]
     if other:
         x[other] = resize_views([srcs[i].full() for i in other], [views[i] for i in other], size)
     x = finish_views(x, views)

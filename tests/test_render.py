@@ -102,7 +102,8 @@ def test_png_and_cmyk_jpegs_render_exactly_as_before():
 def test_uint8_transport_is_the_quantised_float_render_and_normalize_inverts_it():
     datas = jpeg_set()[:4]
     fulls = [decode_rgb(d) for d in datas]
-    for cfg in (ViewConfig(scale=(0.08, 1.0)), CFG):  # no jitter (uint8 shortcut) and jitter (float path)
+    # no jitter and brightness (uint8 end to end), contrast + saturation (float, then quantised)
+    for cfg in (ViewConfig(scale=(0.08, 1.0)), CFG, ViewConfig(scale=(0.08, 1.0), contrast=0.4, saturation=0.4)):
         views = [sample_view(1, f"k{i}", 0, f.shape[1], f.shape[0], cfg) for i, f in enumerate(fulls)]
         f32 = render_views(datas, views, 64)
         u8 = render_views(datas, views, 64, torch.uint8)
@@ -201,3 +202,27 @@ def test_loader_batches_bit_identical_between_0_and_2_workers(jpeg_world, transp
         x = next(iter(batches(f32, 5, 0, 0)))["image"]
         cfg = LoaderConfig()
         assert (normalize(u8, cfg.mean, cfg.std) - x).abs().max() <= 1 / 255 + 1e-6  # half a level, x2 (std 0.5)
+
+
+def test_in_place_jitter_has_the_bits_of_the_out_of_place_formula():
+    """views._blend now works in place; the stored tokens of existing runs were made with
+    `(f * x + (1 - f) * other).clamp(0, 1)`: the bits must not move."""
+    from pipeline.views import _grayscale, finish_views
+
+    def old(x, views):
+        def col(name):
+            return torch.tensor([getattr(v, name) for v in views]).view(-1, 1, 1, 1)
+
+        def blend(x, other, f):
+            return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
+
+        x = blend(x, torch.zeros_like(x), col("brightness"))
+        x = blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), col("contrast"))
+        return blend(x, _grayscale(x), col("saturation"))
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 24, 24)
+    views = [sample_view(0, f"k{i}", 0, 50, 40, ViewConfig(brightness=0.9, contrast=0.4, saturation=0.4, flip_p=0.0))
+             for i in range(16)]
+    assert any(v.brightness > 1 for v in views) and any(v.brightness < 1 for v in views)
+    assert torch.equal(finish_views(x.clone(), views), old(x.clone(), views))
