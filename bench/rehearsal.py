@@ -30,6 +30,7 @@ Usage: .venv/bin/python bench/rehearsal.py [--images 20000] [--classes 1000] [--
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -63,7 +64,8 @@ from pipeline.views import View  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_VIEWS = 10
-IMAGENET_VIEW_CFG = ViewConfig(scale=(0.08, 1.0), brightness=0.4)  # configs/imagenet-base.yaml's views
+IMAGENET_VIEW_CFG = ViewConfig(scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.4)  # imagenet-base
+CROP_FLIP_CFG = ViewConfig(scale=(0.08, 1.0), brightness=0.0, contrast=0.0, saturation=0.0)  # (T)'s work: no jitter
 LONG_SIDES = (500,) * 8 + (300, 400, 640, 800, 1024)
 ASPECTS = (4 / 3, 4 / 3, 4 / 3, 3 / 2, 1.0, 5 / 4)
 
@@ -129,13 +131,13 @@ def shard(root: Path, out: Path, resize_short: int | None, shard_size: int) -> d
 # ---------------------------------------------------------------------------- 3 tokenize
 
 
-def tokenize_null(shard_dir: Path, token_root: Path, views: int) -> tuple[dict, Path]:
+def tokenize_null(shard_dir: Path, token_root: Path, views: int, view_cfg: ViewConfig) -> tuple[dict, Path]:
     """Every shard through tokenize_shard with a null 14x14 encoder (the data plane alone),
     written to a zarr token store: what the loader reads."""
     tars = sorted(shard_dir.glob("*.tar"))
     zero = lambda x: torch.zeros(x.shape[0], 14, 14, dtype=torch.long)  # noqa: E731
     t = time.perf_counter()
-    results = [tokenize_shard(tar, zero, 112, IMAGENET_VIEW_CFG, 0, views, 64) for tar in tars]
+    results = [tokenize_shard(tar, zero, 112, view_cfg, 0, views, 64) for tar in tars]
     sec = time.perf_counter() - t
     spec = StoreSpec(shards=tuple(p.name for p in tars), counts=tuple(len(r[0]) for r in results),
                      views=views, grid=(14, 14), view_dim=View.K, vocab_size=8192,
@@ -188,21 +190,30 @@ def _subset_tar(src: Path, dst: Path, n: int) -> None:
 
 
 class RSS:
-    """RSS of this process + its children, sampled every `every` s in a thread, each
-    sample tagged with the epoch fraction the caller last reported."""
+    """Memory of this process + its children, sampled every `every` s in a thread, each
+    sample tagged with the epoch fraction the caller last reported. PSS (proportional set
+    size: shared pages split between the processes that map them), where Linux gives it:
+    a forked worker maps the parent's pages, and plain RSS would count them twice."""
 
-    def __init__(self, every: float = 0.05):
+    def __init__(self, every: float = 0.5):  # reading smaps costs ms: sampled sparsely, and not in the goal runs
         import psutil
 
         self.proc, self.every, self.frac, self.samples = psutil.Process(), every, 0.0, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @staticmethod
+    def _one(p) -> int:
+        try:
+            return p.memory_full_info().pss
+        except AttributeError:  # no PSS on this OS
+            return p.memory_info().rss
+
     def _rss(self) -> int:
-        total = self.proc.memory_info().rss
+        total = self._one(self.proc)
         for c in self.proc.children(recursive=True):
             try:
-                total += c.memory_info().rss
+                total += self._one(c)
             except Exception:  # a worker that just exited
                 pass
         return total
@@ -226,12 +237,52 @@ class RSS:
         return max(seen) if seen else 0
 
 
-def loader_epoch(split, batch: int, workers: int, transport: str) -> dict:
+def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool = True) -> dict:
+    """`_loader_epoch` in a fresh (spawned) process, as a trainer runs it: a DataLoader
+    worker forked from this process would copy-on-write pages of the earlier stages'
+    heap as its garbage collector touches them, and the memory would grow for that
+    reason alone (measured: +60% over an epoch here, +6% from a fresh process).
+
+    The child runs with MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB: with glibc's dynamic
+    threshold, the main process's heap grew ~25 MB per 32-image batch normalised on the
+    CPU (a float [32, 3, 224, 224] each), linearly over the epoch (measured: 302 -> 1031 MiB
+    in 30 batches; with the fixed threshold 381 -> 405 MiB). A GPU step normalises on the
+    device and allocates no such host buffer; a CPU trainer needs the variable set."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_loader_child, args=(out, split, batch, workers, transport, memory))
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # read by the child's glibc at start
+    try:
+        p.start()
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    result = out.get()
+    p.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _loader_child(out, split, batch, workers, transport, memory) -> None:
+    torch.set_num_threads(1)
+    try:
+        out.put(_loader_epoch(split, batch, workers, transport, memory))
+    except BaseException as err:  # noqa: BLE001  (handed to the parent, which raises it)
+        out.put(err)
+
+
+def _loader_epoch(split, batch: int, workers: int, transport: str, memory: bool) -> dict:
     cfg = LoaderConfig(num_workers=workers, shuffle_buffer=max(batch * 4, 64), transport=transport)
     masks = MaskGenerator((14, 14), MaskingConfig(kind="block", mask_ratio=0.4))
     ds = MIMDataset(split, cfg, 224, masks, seed=0)
     total = split.num_samples // batch
-    with RSS() as rss:
+    with (RSS() if memory else contextlib.nullcontext(RSS.__new__(RSS))) as rss:
         it = batches(ds, batch, workers, epoch=0)
         first = next(it)
         normalize(first["image"], cfg.mean, cfg.std, "cpu")
@@ -241,6 +292,8 @@ def loader_epoch(split, batch: int, workers: int, transport: str) -> dict:
             k += 1
             rss.frac = k / total
         sec = time.perf_counter() - t
+    if not memory:
+        return {"images": (k - 1) * batch, "seconds": sec}
     marks = {f: rss.at(f) for f in (0.1, 0.25, 0.5, 0.75, 1.0)}
     late = [r for f, r in rss.samples if f >= 0.1]
     flat = (max(late) / min(late) - 1) if late else float("nan")
@@ -278,7 +331,7 @@ def goals(split, n: int, repeats: int, batch: int) -> dict:
             render_views([data], [view], 224, torch.uint8)
 
     def loader():
-        r = loader_epoch(split, batch, 1, "uint8")
+        r = loader_epoch(split, batch, 1, "uint8", memory=False)
         return r["images"] / r["seconds"]
 
     rates: dict[str, list[float]] = {"T torchvision standard": [], "R bare decode+render": [], "L loader 1 worker": []}
@@ -316,9 +369,12 @@ def _hms(sec: float) -> str:
 @click.option("--cores", default=16, show_default=True, help="CPU cores of the machine projected to.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="work folder to keep (default: a temp dir).")
+@click.option("--jitter/--no-jitter", default=True, show_default=True,
+              help="views with imagenet-base's colour jitter (0.4/0.4/0.4), or crop + flip only, (T)'s work.")
+@click.option("--goals/--no-goals", "run_goals", default=True, show_default=True, help="the side-by-side goal modes.")
 @click.option("--smoke", is_flag=True, help="toy size: seconds.")
 def main(images, classes, views, tokenize_images, resize_short, shard_size, batch, goal_images, repeats,
-         cores, seed, keep, smoke):
+         cores, seed, keep, jitter, run_goals, smoke):
     torch.set_num_threads(1)
     if smoke:
         images, classes, views, tokenize_images, shard_size, batch, goal_images, repeats = 48, 8, 2, 4, 16, 8, 16, 1
@@ -326,7 +382,7 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
     t0 = time.perf_counter()
     try:
         print(f"rehearsal: {images} images, {classes} classes, {views} views, resize_short {resize_short or None}, "
-              f"work {work}; one core per stage (torch threads 1)")
+              f"views {'with' if jitter else 'without'} colour jitter, work {work}; one core per stage (torch threads 1)")
         fold = make_folder(work / "src", images, classes, seed)
         print(f"1 folder    {fold['images'] / fold['seconds']:8.1f} img/s  {fold['bytes'] / images / 1024:.0f} KB/img")
         sh = shard(work / "src", work / "shards", resize_short or None, shard_size)
@@ -334,7 +390,8 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
         mpx = statistics.mean(w * h for w, h in zip(index["width"], index["height"])) / 1e6
         print(f"2 shard     {sh['images'] / sh['seconds']:8.1f} img/s/core  {sh['bytes'] / sh['images'] / 1024:.0f} KB/img "
               f"stored ({mpx:.3f} Mpx mean)")
-        tk, token_path = tokenize_null(work / "shards" / "train", work / "tokens", views)
+        tk, token_path = tokenize_null(work / "shards" / "train", work / "tokens", views,
+                                       IMAGENET_VIEW_CFG if jitter else CROP_FLIP_CFG)
         print(f"3 tokenize  {tk['views'] / tk['seconds']:8.1f} views/s/core data plane (null encoder, 112 px), "
               f"tokens {tk['bytes'] / tk['images']:.0f} B/img on disk")
         dl = tokenize_dalle(work / "shards" / "train", min(tokenize_images, sh["images"]), 8)
@@ -343,7 +400,7 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
         ld = loader_epoch(split, batch, 1, "uint8")
         print(f"4 loader    {ld['images'] / ld['seconds']:8.1f} img/s/worker (224 px, uint8, 1 worker)")
         marks = "  ".join(f"{int(f * 100)}%: {r / 2**20:.0f} MiB" for f, r in ld["rss"].items())
-        print(f"  RSS (main + worker) {marks}; max/min from 10% to 100%: +{ld['flat'] * 100:.1f}% "
+        print(f"  PSS (main + worker) {marks}; max/min from 10% to 100%: +{ld['flat'] * 100:.1f}% "
               f"({'flat' if ld['flat'] <= 0.10 else 'NOT flat'}, target <= 10%)")
 
         n = IMAGENET_TRAIN
@@ -359,6 +416,8 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
               f"{tk['bytes'] / tk['images'] * n * IMAGENET_VIEWS / views / 1e9:.1f} GB "
               f"(source folder {fold['bytes'] / images * n / 1e9:.0f} GB)")
 
+        if not run_goals:
+            return
         g = goals(split, min(goal_images, split.num_samples), repeats, batch)
         print(f"\ngoals, 224 px, one core each, {min(goal_images, split.num_samples)} images, medians of {repeats}:")
         for k in ("T torchvision standard", "R bare decode+render", "L loader 1 worker"):
