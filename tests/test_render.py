@@ -207,7 +207,11 @@ def test_loader_batches_bit_identical_between_0_and_2_workers(jpeg_world, transp
 def test_in_place_jitter_has_the_bits_of_the_out_of_place_formula():
     """views._blend now works in place; the stored tokens of existing runs were made with
     `(f * x + (1 - f) * other).clamp(0, 1)`: the bits must not move."""
-    from pipeline.views import _grayscale, finish_views
+    from pipeline.views import finish_views
+
+    def _grayscale(x):  # [B,3,S,S] -> [B,1,S,S], views.py's formula (ITU-R 601, as torchvision)
+        r, g, b = x.unbind(dim=1)
+        return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
     def old(x, views):
         def col(name):
