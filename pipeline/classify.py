@@ -29,9 +29,10 @@ import torch
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.augment import Augment
 from pipeline.schema import AugmentConfig, LoaderConfig, ViewConfig
-from pipeline.shardread import check_shards, decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
+from pipeline.shardread import check_shards, image_bytes, index_file, read_index, sample_key, shard_keys
 from pipeline.stream import ShardList, epoch_stream
-from pipeline.views import apply_view, identity_view, sample_view
+from pipeline.render import Encoded, render_views
+from pipeline.views import identity_view, sample_view
 
 
 def _class_orders(index_path: str | Path, seed: int) -> dict[int, list[str]]:
@@ -131,6 +132,8 @@ class ClassifyDataset(torch.utils.data.IterableDataset):
     def __init__(self, split: LabelledSplit, cfg: LoaderConfig, image_size: int, seed: int,
                  train: bool, views: Optional[ViewConfig] = None, augment: AugmentConfig = AugmentConfig()):
         super().__init__()
+        if cfg.transport != "float":  # mixup and RandAugment work on float images in the worker
+            raise ValueError(f"loader.transport={cfg.transport!r}: labelled streams ship float only")
         if train and views is None:
             raise ValueError("a training ClassifyDataset needs a ViewConfig")
         self.split, self.cfg, self.image_size = split, cfg, image_size
@@ -148,13 +151,13 @@ class ClassifyDataset(torch.utils.data.IterableDataset):
 
     def make_sample(self, sample: dict) -> dict:
         key = sample_key(sample)
-        image = decode_rgb(image_bytes(sample))  # uint8 [H, W, 3]
-        h, w = image.shape[:2]
+        image = Encoded(image_bytes(sample))  # JPEG: decoded at the view's DCT scale
+        w, h = image.width, image.height
         if self.train:
             view = sample_view(self._view_seed, key, self.epoch, w, h, self.views)
         else:
             view = identity_view(w, h)
-        x = apply_view(image, view, self.image_size)  # float [3, S, S] in [0, 1]
+        x = render_views([image], [view], self.image_size)[0]  # float [3, S, S] in [0, 1]
         if self.train and self._augment.active:
             x = self._augment(x, self._mean, self._std, self._view_seed, self.epoch, key)  # normalised
         else:

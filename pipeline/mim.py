@@ -6,7 +6,9 @@
 
 View parity: the sample's view for this epoch is `(epoch + hash(key)) % V`,
 and its parameters are read from the token store (exactly what the tokenize
-stage used), then rendered by the same `apply_views` at the patch resolution.
+stage used), then rendered by the same `render_views` (pipeline/render.py) at the patch
+resolution. With `loader.transport: uint8` the samples' "image" is uint8 [3, S, S]; the
+training step calls `pipeline.render.normalize` on the batch (stages/pretrain.py: to_device).
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ import torch
 from pipeline.fingerprint import index_fingerprint, stable_hash
 from pipeline.masking import MaskGenerator
 from pipeline.schema import LoaderConfig
-from pipeline.shardread import check_shards, decode_rgb, image_bytes, index_file, read_index, sample_key, shard_keys
+from pipeline.shardread import check_shards, image_bytes, index_file, read_index, sample_key, shard_keys
 from pipeline.stream import ShardList, epoch_stream
 from pipeline.tokens import open_tokens
-from pipeline.views import View, apply_views
+from pipeline.render import Encoded, render_views
+from pipeline.views import View
 
 
 class StaleTokens(RuntimeError):
@@ -101,7 +104,7 @@ class MIMDataset(torch.utils.data.IterableDataset):
         self.epoch = 0
         self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self._std = torch.tensor(cfg.std).view(3, 1, 1)
-        # Samples rendered per apply_views call (1: one at a time; same output either way).
+        # Samples rendered per render_views call (1: one at a time; same output either way).
         # Measured (bench/pretrain.py): at 32 px chunks of 32 cut decode+augment from
         # ~180 to ~80 us/img (per-call tensor set-up dominates); at 224 px they do not
         # help (2.5 ms/img either way, more memory traffic), so large views go one by one.
@@ -114,24 +117,27 @@ class MIMDataset(torch.utils.data.IterableDataset):
         return self.make_samples([sample])[0]
 
     def make_samples(self, samples: list[dict]) -> list[dict]:
-        """`make_sample` of each sample, the views rendered in one `apply_views` call.
+        """`make_sample` of each sample, the views rendered in one `render_views` call.
 
-        Same bits as rendering one at a time (apply_views works per image up to the
+        Same bits as rendering one at a time (render_views works per image up to the
         resize, then per sample over the batch; tests/test_loader.py checks it): the
         per-call tensor set-up of the crop/flip/jitter ops is paid once per chunk."""
         images, views, outs, keys = [], [], [], []
         epoch = self.epoch
         for sample in samples:
             key = sample_key(sample)
-            images.append(decode_rgb(image_bytes(sample)))  # uint8 [H, W, 3]
+            images.append(Encoded(image_bytes(sample)))  # decoded at the view's DCT scale (JPEG)
             tokens = sample["__tokens__"]  # [V, h, w]
             v = (epoch + stable_hash("view", key)) % tokens.shape[0]
             views.append(view_of(sample["__views__"][v]))
             outs.append({"label": int(sample["cls"]),
                          "tokens": torch.from_numpy(tokens[v].astype(np.int64))})  # [h, w]
             keys.append(key)
-        x = apply_views(images, views, self.image_size)  # float [B, 3, S, S] in [0, 1]
-        x.sub_(self._mean).div_(self._std)  # in place: same bits as (x - mean) / std
+        if self.cfg.transport == "uint8":
+            x = render_views(images, views, self.image_size, torch.uint8)  # uint8 [B, 3, S, S]; normalize() later
+        else:
+            x = render_views(images, views, self.image_size)  # float [B, 3, S, S] in [0, 1]
+            x.sub_(self._mean).div_(self._std)  # in place: same bits as (x - mean) / std
         for out, image, key in zip(outs, x.unbind(0), keys):
             out["image"] = image  # [3, S, S]
             if self.masks is not None:

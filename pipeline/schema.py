@@ -140,11 +140,23 @@ class LoaderConfig:
     shuffle_buffer: int = 2000
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # What a worker ships: float32 normalised views (as before), or uint8 views (4x fewer
+    # bytes; pipeline/render.py: normalize runs once on the consuming device). uint8
+    # quantises the rendered view (28 px float rendering changes), so float stays the default.
+    transport: Literal["float", "uint8"] = "float"
 
     def __post_init__(self) -> None:
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0 and "
                              f"shuffle_buffer={self.shuffle_buffer} >= 1")
+
+    def trajectory(self) -> dict:
+        """The fields for run fingerprints; `transport` only when not the default, so runs
+        fingerprinted before it existed keep their fingerprint."""
+        d = dataclasses.asdict(self)
+        if d["transport"] == "float":
+            del d["transport"]
+        return d
 
 
 @dataclasses.dataclass(frozen=True)

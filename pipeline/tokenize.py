@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from pipeline.schema import ViewConfig
-from pipeline.shardread import CorruptShard, decode_rgb, image_bytes, tar_samples
-from pipeline.views import View, apply_views, sample_view
+from pipeline.render import Encoded, render_views
+from pipeline.shardread import CorruptShard, image_bytes, tar_samples
+from pipeline.views import View, sample_view
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,21 +41,21 @@ def tokenize_shard(
     keys: list[str] = []
     views: list[View] = []
     token_batches: list[np.ndarray] = []
-    pending_images: list[np.ndarray] = []
+    pending_images: list[Encoded] = []
     pending_views: list[View] = []
 
     def flush() -> None:
-        x = apply_views(pending_images, pending_views, input_size)  # [B, 3, S, S]
+        x = render_views(pending_images, pending_views, input_size)  # [B, 3, S, S], as the trainer renders
         ids = encode(x)  # [B, h, w]
         token_batches.append(ids.to("cpu", torch.int64).numpy().astype(np.uint16))
         pending_images.clear()
         pending_views.clear()
 
     for key, data in tar_images(tar_path):
-        image = decode_rgb(data)  # uint8 [H, W, 3]
+        image = Encoded(data)  # decoded once per DCT scale its views need (JPEG), else once
         keys.append(key)
         for v in range(num_views):
-            view = sample_view(seed, key, v, image.shape[1], image.shape[0], view_cfg)
+            view = sample_view(seed, key, v, image.width, image.height, view_cfg)
             views.append(view)
             pending_images.append(image)
             pending_views.append(view)

@@ -86,6 +86,7 @@ def run_fingerprint(params: Params, kind: Kind, init_fp: str, train: LabelledSpl
     cfg = params.finetune
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("init", "loop", "eval_samples")}
     recipe["optim"] = dataclasses.asdict(optim_for(params, kind))
+    recipe["loader"] = cfg.loader.trajectory()  # as asdict, minus a default transport
     return json_fingerprint({"kind": kind, "seed": params.seed, "model": params.model, "init": init_fp,
                              "image_size": params.data.image_size, "finetune": recipe,
                              "loop": cfg.loop.trajectory(), "train": train.fingerprint})

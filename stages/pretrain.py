@@ -25,6 +25,8 @@ from model.engine import Dist, Stepper, all_mean, setup_distributed, teardown_di
 from pipeline.fingerprint import json_fingerprint
 from pipeline.masking import MaskGenerator
 from pipeline.mim import MIMDataset, open_split
+from pipeline.render import normalize
+from pipeline.schema import LoaderConfig
 from pipeline.stream import batches, epoch_steps
 from pipeline.tokens import open_tokens, store_path
 from stages.config import ConfigError, Params, load_params
@@ -42,7 +44,7 @@ def run_fingerprint(params: Params, token_fps: dict) -> str:
     return json_fingerprint({"seed": params.seed, "mask": dataclasses.asdict(params.mask),
                              "target": params.target, "model": params.model,
                              "loop": cfg.loop.trajectory(), "optim": dataclasses.asdict(cfg.optim),
-                             "loader": dataclasses.asdict(cfg.loader),
+                             "loader": cfg.loader.trajectory(),
                              "drop_path": cfg.drop_path, "tokens": token_fps,
                              # only when set: the default's run folder (named in its config.json) stays as it was
                              **({"attention": cfg.attention} if cfg.attention != "timm" else {})})
@@ -66,8 +68,12 @@ def build_model(params: Params, vocab_size: int, grid: tuple[int, int]):
     return model
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device, loader: LoaderConfig = LoaderConfig()) -> dict:
+    """The batch on `device`; uint8 images (`loader.transport: uint8`) normalised there
+    (pipeline/render.py: normalize); float ones arrive normalised and are only moved."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "image"}
+    out["image"] = normalize(batch["image"], loader.mean, loader.std, device)
+    return out
 
 
 def mim_loss(net, batch: dict):
@@ -91,7 +97,7 @@ def evaluate(model, dataset: MIMDataset, batch_size: int, env: Dist, max_batches
     for i, batch in enumerate(batches(dataset, batch_size, num_workers=0, epoch=0)):
         if i >= max_batches:
             break
-        batch = to_device(batch, env.device)
+        batch = to_device(batch, env.device, dataset.cfg)
         loss, metrics = model(batch["image"], batch["mask"], batch["tokens"])
         for k, v in {"loss": loss, **metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -140,7 +146,7 @@ def run(params: Params, env: Dist, stop_after: Optional[int], verify: bool = Fal
     def micro_batches(epoch: int, skip: int):
         return batches(data, micro, cfg.loader.num_workers, epoch, skip=skip)
 
-    task = Task("pretrain", COLUMNS, micro_batches, lambda batch, step, j: to_device(batch, env.device), mim_loss)
+    task = Task("pretrain", COLUMNS, micro_batches, lambda batch, step, j: to_device(batch, env.device, cfg.loader), mim_loss)
     header = f"{params.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
     result = fit(task, stepper, plan, cfg.loop, run_dir, env, params.seed, stop_after, header)
     if result.stopped_at is not None:
