@@ -39,7 +39,8 @@ def metric_sources(params: Any) -> dict[str, Optional[str]]:
     """
     out = params.outputs
     return {name: getattr(getattr(out, name, None), "metrics", None)
-            for name in ("tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn", "segment")}
+            for name in ("tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn", "segment",
+                         "visualize")}
 
 
 def load_metrics(sources: dict[str, Optional[str]], root: str | Path = ".") -> dict[str, Optional[dict]]:
@@ -168,6 +169,9 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
     seg = params.get("segment")
     row["segment_init"] = seg.get("init") if isinstance(seg, dict) else None
     row["segment_miou"] = _metric_of(data, sources.get("segment"), "miou")
+    # RQ5 over seeds: CLS attention mass on foreground patches (percent), per encoder
+    for enc in ("pretrain", "random", "finetune"):
+        row[f"attention_{enc}"] = _metric_of(data, sources.get("visualize"), f"{enc}_mass")
     return row
 
 
@@ -432,7 +436,8 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
     text = render_markdown(context, sources, metrics, rows, note,
                            figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"))
     vis = params.outputs.visualize
-    text += "\n".join(visualize_section(load_visualize(Path(root) / vis.metrics), vis, out.parent, root)) + "\n"
+    text += "\n".join(visualize_section(load_visualize(Path(root) / vis.metrics), vis, out.parent, root,
+                                         rows or [])) + "\n"
     atomic_write(out, text)
     return {"report": paths.markdown, "figure": paths.figure,
             "metrics_found": sorted(n for n, d in metrics.items() if d is not None),

@@ -117,3 +117,11 @@ def save_tiny_tokenizer(path, seed: int = 0):
     torch.manual_seed(seed)
     cfg = DVAEConfig(image_size=32, vocab_size=64, downsample=4, hidden=8)
     return save_tokenizer(DVAE(cfg).eval(), cfg, path)
+
+
+def shards_with_tokenizer(tmp, n_train: int, n_test: int):
+    """(tmp, params): tiny params under tmp, their shards and a tiny tokenizer at tmp/tok."""
+    params = tiny_params(tmp)
+    make_shards(tmp, params, n_train=n_train, n_test=n_test)
+    save_tiny_tokenizer(tmp / "tok")
+    return tmp, params

@@ -31,7 +31,7 @@ def exp_sample(name="dvc_exp_show.json"):
 
 
 def write_metrics(root: Path, params,
-                  names=("tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn", "segment")):
+                  names=("tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn", "segment", "visualize")):
     values = {
         "tokenizer": {"kind": "dvae", "codebook_usage": 0.5, "codebook_usage_pct": 50.0, "perplexity": 301.5,
                       "recon_mse": 0.0123},
@@ -41,6 +41,8 @@ def write_metrics(root: Path, params,
         "linear_probe": {"top1": 0.62, "top5": 0.9},
         "knn": {"top1": 0.70, "top5": 0.95},
         "segment": {"miou": 0.42, "pixel_acc": 0.9, "init": "pretrain", "eval_scenes": 500},
+        "visualize": {"images": 10, "images_scored": 10, "pretrain_mass": 0.7, "random_mass": 0.5,
+                      "finetune_mass": 0.6, "chance_mass": 0.5},
     }
     sources = rep.metric_sources(params)
     for n in names:
@@ -106,7 +108,7 @@ def test_report_all_metrics(tmp_path, params):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["experiments"] == 4
     assert summary["metrics_found"] == ["finetune", "knn", "linear_probe", "pretrain", "scratch", "segment",
-                                        "tokenizer"]
+                                        "tokenizer", "visualize"]
     assert table_row(md, "Segmentation | mIoU (%)")[2:] == ["42.00", "`metrics/segment.json`", "45.6 (BEiT-B, ADE20K)"]
     assert "This run: init pretrain, mIoU 42.00 %" in md
     assert table_row(md, "Fine-tuning | fine-tune top-1 (%)")[2:] == ["85.00", "`metrics/finetune.json`",
@@ -143,7 +145,7 @@ def test_report_some_missing(tmp_path, params):
     assert table_row(md, "Fine-tuning | scratch top-1 (%)")[2] == "not run"
     assert table_row(md, "Frozen features | kNN top-1 (%)")[2] == "not run"
     assert ("Missing (stage not run yet): `metrics/tokenizer.json`, `metrics/scratch.json`, "
-            "`metrics/linear_probe.json`, `metrics/knn.json`, `metrics/segment.json`.") in md
+            "`metrics/linear_probe.json`, `metrics/knn.json`, `metrics/segment.json`, `metrics/visualize.json`.") in md
     assert table_row(md, "Tokenizer | code perplexity")[2] == "not run"
     assert "needs both `finetune` and `scratch` metrics" in md
     assert "No DVC experiments yet" in md and "| experiment | rev |" not in md
@@ -231,7 +233,8 @@ def test_metric_sources_match_dvc_yaml(params):
                 for name, stage in dvc.items() if isinstance(stage, dict)}
     sources = rep.metric_sources(params)
     for source, stage in [("tokenizer", "train-tokenizer"), ("pretrain", "pretrain"), ("finetune", "finetune"), ("scratch", "scratch"),
-                          ("linear_probe", "linear-probe"), ("knn", "knn"), ("segment", "segment")]:
+                          ("linear_probe", "linear-probe"), ("knn", "knn"), ("segment", "segment"),
+                          ("visualize", "visualize")]:
         assert declared[stage] == [sources[source]], stage
     deps = [_resolve(p, raw) for p in _paths(dvc["report"]["deps"])]
     assert {p for p in sources.values() if p} <= set(deps)

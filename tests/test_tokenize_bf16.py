@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import model.tokenizer as tokenizer_mod
-from helpers import make_shards, save_tiny_tokenizer, tiny_params
+from helpers import shards_with_tokenizer
 from model.tokenizer import bf16_agreement, load_tokenizer
 from pipeline.tokens import open_tokens, store_path
 from stages.tokenize import BF16Mismatch, tokenize
@@ -13,11 +13,7 @@ from stages.tokenize import BF16Mismatch, tokenize
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tokenize_bf16")
-    params = tiny_params(tmp)
-    make_shards(tmp, params, n_train=40, n_test=8)
-    save_tiny_tokenizer(tmp / "tok")
-    return tmp, params
+    return shards_with_tokenizer(tmp_path_factory.mktemp("tokenize_bf16"), n_train=40, n_test=8)
 
 
 def with_precision(params, tmp, out, precision):

@@ -8,7 +8,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from helpers import make_shards, save_tiny_tokenizer, tiny_params
+from helpers import save_tiny_tokenizer, shards_with_tokenizer
 from model.tokenizer import load_tokenizer
 from pipeline.mim import open_split
 from pipeline.tokens import TokenStoreMismatch, open_tokens, store_path
@@ -19,11 +19,7 @@ from stages.tokenize import tokenize
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tokenize")
-    params = tiny_params(tmp)
-    make_shards(tmp, params, n_train=100, n_test=20)
-    save_tiny_tokenizer(tmp / "tok")
-    return tmp, params
+    return shards_with_tokenizer(tmp_path_factory.mktemp("tokenize"), n_train=100, n_test=20)
 
 
 def with_out(params, out, tokenizer, workers=None, **kw):

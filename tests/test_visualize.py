@@ -90,3 +90,21 @@ def test_report_section(tmp_path):
     assert "| pretrained | 0.610 ± 0.020 | 0.500 | — |" in text
     assert "| random init | 0.400 ± 0.010 | — | — |" in text
     assert "(../plots/attention.png)" in text  # relative to the report
+
+
+def test_report_judges_attention_over_seeds():
+    def row(seed, pre, rnd):
+        return {"kind": "experiment", "masking": "block", "target": "tokens", "mask_ratio": 0.4, "seed": seed,
+                "finetune_top1": 75.0, "attention_pretrain": pre, "attention_random": rnd, "attention_finetune": 55.0}
+    from stages.vis_report import over_seeds
+    assert over_seeds([]) == []
+    two = " ".join(over_seeds([row(0, 76.0, 48.0), row(1, 75.0, 47.0)]))
+    assert "needs 3 seeds" in two
+    clear = " ".join(over_seeds([row(0, 76.0, 48.0), row(1, 75.0, 47.5), row(2, 77.0, 48.5)]))
+    assert "pretrained 76.0 ± 1.0" in clear and "+28.0 ± 0.5 points" in clear and "**reproduced**" in clear
+    noisy = " ".join(over_seeds([row(0, 50.0, 48.0), row(1, 46.0, 47.5), row(2, 49.0, 48.5)]))
+    assert "**not reproduced**" in noisy
+    # another variant (random masking) does not count as the default's seeds
+    other = {**row(3, 90.0, 10.0), "masking": "random"}
+    assert "Over seeds 0, 1, 2 " in " ".join(over_seeds([row(0, 76.0, 48.0), row(1, 75.0, 47.5),
+                                                          row(2, 77.0, 48.5), other]))
