@@ -26,7 +26,7 @@ from pipeline.atomic import atomic_file, atomic_write
 from stages.claims import METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, summary
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
-from stages.vis_report import load_visualize, visualize_section
+from stages.vis_report import visualize_section
 from stages.seg_report import segmentation_section
 
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
@@ -436,7 +436,7 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
     text = render_markdown(context, sources, metrics, rows, note,
                            figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"))
     vis = params.outputs.visualize
-    text += "\n".join(visualize_section(load_visualize(Path(root) / vis.metrics), vis, out.parent, root,
+    text += "\n".join(visualize_section(metrics.get("visualize"), vis, out.parent, root,
                                          rows or [])) + "\n"
     atomic_write(out, text)
     return {"report": paths.markdown, "figure": paths.figure,

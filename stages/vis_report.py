@@ -5,7 +5,6 @@ tested without models; a missing metrics file gives a one-line note, never an er
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -22,14 +21,6 @@ def _cell(m: dict, key: str) -> str:
     if not isinstance(v, (int, float)) or not math.isfinite(v):
         return "—"
     return f"{v:.3f}" if not isinstance(se, (int, float)) or not math.isfinite(se) else f"{v:.3f} ± {se:.3f}"
-
-
-def load_visualize(path: str | Path) -> Optional[dict]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def over_seeds(rows: list[dict]) -> list[str]:
