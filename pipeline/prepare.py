@@ -15,6 +15,11 @@ think about colour modes or orientation:
   shorter side is at most `resize_short` (never enlarged).
   JPEG sources are re-encoded as JPEG (quality `jpeg_quality`), any other
   (lossless-or-unknown) source as PNG.
+- `restart_markers=True` (`shard.encode.restart_markers`): every stored JPEG has a restart
+  marker after each MCU, so the loader decodes just the MCUs a view needs
+  (pipeline/jpegregion.py). Such a JPEG passes through as above; any other JPEG is
+  re-encoded (by PIL, which writes the markers; 4:2:0, `jpeg_quality`): a generation loss
+  paid once at shard time, and ~2% more bytes.
 - Resizing uses libjpeg's DCT-domain downscaling (simplejpeg `min_height` /
   `min_width`, scale 1/2, 1/4 or 1/8, never below the target) followed by an antialiased
   bicubic resize on uint8 tensors (torch); ~2x faster than PIL.
@@ -38,6 +43,8 @@ from typing import Iterator, Union
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.jpegregion import layout
 
 from pipeline.shardread import JPEG_MAGIC, pil_rgb
 
@@ -204,7 +211,12 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
+def encode_jpeg(img: np.ndarray, quality: int, restart_markers: bool = False) -> bytes:
+    if restart_markers:  # simplejpeg cannot write them; PIL's libjpeg-turbo can (same encoder)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=quality, subsampling=2,
+                                                       restart_marker_blocks=1)
+        return buf.getvalue()
     return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB", colorsubsampling="420")
 
 
@@ -213,7 +225,8 @@ def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
 
 
 def prepare(
-    raw: Raw, *, resize_short: int | None, max_pixels: int, jpeg_quality: int, verify: bool = False
+    raw: Raw, *, resize_short: int | None, max_pixels: int, jpeg_quality: int, verify: bool = False,
+    restart_markers: bool = False,
 ) -> Stored:
     """Turn one source image into what the shard stores (see module docstring).
     Raises Rejected for inputs that cannot be stored."""
@@ -222,8 +235,8 @@ def prepare(
     if len(raw) == 0:
         raise Rejected("empty", "zero-byte file")
     if raw[:3] == JPEG_MAGIC:
-        return _prepare_jpeg(raw, resize_short, max_pixels, jpeg_quality, verify)
-    return _prepare_pil(raw, resize_short, max_pixels, jpeg_quality)
+        return _prepare_jpeg(raw, resize_short, max_pixels, jpeg_quality, verify, restart_markers)
+    return _prepare_pil(raw, resize_short, max_pixels, jpeg_quality, restart_markers)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -265,18 +278,19 @@ def _decode_jpeg_checked(data: bytes, **kwargs) -> np.ndarray:
         raise _jpeg_error(err) from None
 
 
-def _prepare_jpeg(data: bytes, resize_short: int | None, max_pixels: int, quality: int, verify: bool) -> Stored:
+def _prepare_jpeg(data: bytes, resize_short: int | None, max_pixels: int, quality: int, verify: bool,
+                  restart_markers: bool = False) -> Stored:
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as err:
         raise _jpeg_error(err) from None
     _check_pixels(width, height, max_pixels)
     if colorspace not in ("YCbCr", "RGB", "Gray"):  # CMYK / YCCK: PIL knows Adobe's inverted CMYK
-        return _prepare_pil(data, resize_short, max_pixels, quality)
+        return _prepare_pil(data, resize_short, max_pixels, quality, restart_markers)
     orientation = jpeg_orientation(data)
     upright = (height, width) if orientation >= 5 else (width, height)
     size = target_size(width, height, resize_short)  # in the file's own (pre-rotation) frame
-    if size is None and orientation == 1 and colorspace != "Gray":
+    if size is None and orientation == 1 and colorspace != "Gray" and (not restart_markers or layout(data)):
         if verify or not data.rstrip(b"\0").endswith(EOI):
             _decode_jpeg_checked(data)  # raises Rejected("truncated"/"undecodable")
         return Stored(data, "jpg", width, height, width, height, 1, False)
@@ -288,7 +302,8 @@ def _prepare_jpeg(data: bytes, resize_short: int | None, max_pixels: int, qualit
     else:
         img = _decode_jpeg_checked(data)  # [H, W, 3]
     img = apply_orientation(img, orientation)
-    return Stored(encode_jpeg(img, quality), "jpg", img.shape[1], img.shape[0], *upright, orientation, True)
+    return Stored(encode_jpeg(img, quality, restart_markers), "jpg", img.shape[1], img.shape[0], *upright,
+                  orientation, True)
 
 
 @contextlib.contextmanager
@@ -304,7 +319,8 @@ def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _prepare_pil(data: bytes, resize_short: int | None, max_pixels: int, jpeg_quality: int) -> Stored:
+def _prepare_pil(data: bytes, resize_short: int | None, max_pixels: int, jpeg_quality: int,
+                 restart_markers: bool = False) -> Stored:
     with _pil_pixel_limit(max_pixels):
         try:
             im = Image.open(io.BytesIO(data))
@@ -334,6 +350,6 @@ def _prepare_pil(data: bytes, resize_short: int | None, max_pixels: int, jpeg_qu
     img = apply_orientation(img, orientation)
     upright = (height, width) if orientation >= 5 else (width, height)
     if fmt == "JPEG":
-        data = encode_jpeg(img, jpeg_quality)
+        data = encode_jpeg(img, jpeg_quality, restart_markers)
         return Stored(data, "jpg", img.shape[1], img.shape[0], *upright, orientation, True)
     return Stored(encode_png(img), "png", img.shape[1], img.shape[0], *upright, orientation, True)

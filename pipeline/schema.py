@@ -25,6 +25,17 @@ class EncodeConfig:
     max_pixels: int = 89_478_485  # larger images are rejected as decompression bombs
     jpeg_quality: int = 95  # for images that must be re-encoded
     verify: bool = False  # fully decode pass-through JPEGs too (slow; default checks header + EOI)
+    # Every stored JPEG gets a restart marker after each MCU, so a loader decodes only the MCUs a
+    # view needs (pipeline/jpegregion.py). JPEGs without them are re-encoded (at jpeg_quality).
+    restart_markers: bool = False
+
+    def fingerprint(self) -> dict:
+        """The settings in each shard's fingerprint. Fields added after the first release appear
+        only when set, so shards written before them stay valid (and keep their fingerprints)."""
+        out = dataclasses.asdict(self)
+        if not self.restart_markers:
+            del out["restart_markers"]
+        return out
 
     def __post_init__(self) -> None:
         if self.resize_short is not None and self.resize_short < 1:

@@ -109,7 +109,8 @@ def prepare_pair(raw: SegRaw, encode: EncodeConfig, num_classes: int, reduce_zer
         raise Rejected("mask-missing", "no label map")
     mask = decode_mask(raw.mask)  # before the image: a broken map costs no image decode
     img = prepare(raw.image, resize_short=encode.resize_short, max_pixels=encode.max_pixels,
-                  jpeg_quality=encode.jpeg_quality, verify=encode.verify)
+                  jpeg_quality=encode.jpeg_quality, verify=encode.verify,
+                  restart_markers=encode.restart_markers)
     # The map belongs to the upright source image; EXIF-rotated photos with maps are not expected.
     mask = check_mask(mask, img.orig_width, img.orig_height, num_classes, reduce_zero)
     mask = resize_mask(mask, img.width, img.height)  # [height, width]: the stored image's grid

@@ -90,7 +90,7 @@ _entry_row = operator.attrgetter(*(f.name for f in dataclasses.fields(Entry)))
 
 def plan(split: str, listing: Listing, seed: int, shard_size: int, encode: EncodeConfig, source: str) -> list[ShardTask]:
     order = shuffle(listing.entries, seed)
-    common = {"format": FORMAT, "source": source, "settings": dataclasses.asdict(encode), "classes": listing.classes}
+    common = {"format": FORMAT, "source": source, "settings": encode.fingerprint(), "classes": listing.classes}
     tasks = []
     for i, start in enumerate(range(0, len(order), shard_size)):
         chunk = tuple(order[start : start + shard_size])

@@ -183,6 +183,7 @@ def write_shard(
                     img, extra = prepare(
                         raw, resize_short=encode.resize_short, max_pixels=encode.max_pixels,
                         jpeg_quality=encode.jpeg_quality, verify=encode.verify,
+                        restart_markers=encode.restart_markers,
                     ), ()
             except Rejected as rej:
                 if strict:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import photo_like
 from helpers import fake_encode, fake_tokens, tiny_params
+from pipeline import jpegregion
 from pipeline.masking import MaskGenerator
 from pipeline.mim import MIMDataset, open_split
 from pipeline.prepare import prepare
@@ -51,7 +52,7 @@ def jpeg_set() -> list[bytes]:
         data = stored_jpeg(raw)
         assert simplejpeg.decode_jpeg_header(data)[2] == "YCbCr"  # normalised at shard time
         out.append(data)
-    return out
+    return out + marked_set()
 
 
 def test_crop_aware_decode_matches_a_full_decode():
@@ -72,6 +73,36 @@ def test_crop_aware_decode_matches_a_full_decode():
     assert np.mean(scores) >= MEAN_PSNR, np.mean(scores)
 
 
+def marked_set() -> list[bytes]:
+    """The same kind of sources stored with a restart marker after every MCU (region decode)."""
+    out = [prepare(simplejpeg.encode_jpeg(photo_like(h, w, seed=i), quality=90), resize_short=None,
+                   max_pixels=10**8, jpeg_quality=90, restart_markers=True).data
+           for i, (w, h) in enumerate([(500, 375), (333, 517), (257, 129), (1001, 667), (65, 97)])]
+    for data in out:
+        assert jpegregion.layout(data) is not None
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_region_decode_renders_the_bits_of_the_whole_decode(monkeypatch, dtype):
+    cuts = []
+    region = Encoded.region
+    monkeypatch.setattr(Encoded, "region", lambda self, win, d: cuts.append(d) or region(self, win, d))
+    cfg = ViewConfig(scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.4)
+    n = 0
+    for i, data in enumerate(marked_set()):
+        w, h = Encoded(data).width, Encoded(data).height
+        for size in (224, 112, 32, 28):
+            for v in range(8):
+                view = sample_view(1, f"m{i}", v, w, h, cfg if v % 2 else CFG)
+                alone = render_views([data], [view], size, dtype)  # one view of the source: its MCUs only
+                src = Encoded(data)
+                whole = render_views([src, src], [view, view], size, dtype)[:1]  # two views: decoded whole
+                assert torch.equal(alone, whole), (i, size, v)
+                n += 1
+    assert n == 160 and len(cuts) >= 100 and {1, 2, 4, 8} <= set(cuts)  # the cut path really ran, at every scale
+
+
 def test_scale_is_the_smallest_that_keeps_the_output_resolution():
     from pipeline.views import View
 
@@ -85,7 +116,7 @@ def test_scale_is_the_smallest_that_keeps_the_output_resolution():
     # the view at 1/d still has >= size pixels on each side
     data = simplejpeg.encode_jpeg(photo_like(1000, 1000), quality=90)
     src = Encoded(data)
-    assert src.scaled(4).size == (250, 250) and src.scaled(8).size == (125, 125)
+    assert src.scaled(4).shape[:2] == (250, 250) and src.scaled(8).shape[:2] == (125, 125)
 
 
 def test_png_and_cmyk_jpegs_render_exactly_as_before():
@@ -123,17 +154,20 @@ def test_tokenize_batches_decode_an_image_once_per_scale():
     together = render_views([src] * 8, views, 64)
     alone = torch.cat([render_views([data], [v], 64) for v in views])
     assert torch.equal(together, alone)  # a view's pixels never depend on its batch
-    assert len(src._decoded) == len({dct_denom(v, 64) for v in views})
+    decodes = [k for k in src._decoded if isinstance(k, int)]  # (the others: PIL copies of them)
+    assert len(decodes) == len({dct_denom(v, 64) for v in views})
 
 
 # ---------------------------------------------------------------------------
 # the MIM loader on JPEG shards
 
 
-@pytest.fixture(scope="module")
-def jpeg_world(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "restart-markers"])
+def jpeg_world(tmp_path_factory, request):
     """ImageFolder of photo-like JPEGs (varied sizes, so 32 px views use scales 1 to 1/4),
-    sharded by the shard stage, tokens by fake_encode through the tokenize code."""
+    sharded by the shard stage (plain: stored as they are; restart-markers: re-encoded with a
+    marker after every MCU, so the trainer decodes just the MCUs of its one view while the
+    tokenize stage decodes each image whole), tokens by fake_encode through the tokenize code."""
     from stages.shard import shard
 
     tmp = tmp_path_factory.mktemp("jpeg")
@@ -145,7 +179,8 @@ def jpeg_world(tmp_path_factory):
         path.write_bytes(simplejpeg.encode_jpeg(photo_like(h, w, seed=i), quality=90))
     params = tiny_params(tmp, data={"source": "imagefolder", "root": str(tmp / "src"), "splits": ["train"],
                                     "eval_split": "train"},
-                         shard={"shard_size": 15}, views={"scale": [0.2, 1.0]})
+                         shard={"shard_size": 15, "encode": {"restart_markers": request.param}},
+                         views={"scale": [0.2, 1.0]})
     shard(params, ("train",), progress=False)
     fake_tokens(params, "train")
     return params, open_split(tmp / "shards/train", store_path(tmp / "tokens", "train", "zarr"))
