@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -117,12 +118,12 @@ def make_folder(root: Path, images: int, classes: int, seed: int) -> dict:
 # ---------------------------------------------------------------------------- 2 shard
 
 
-def shard(root: Path, out: Path, resize_short: int | None, shard_size: int) -> dict:
+def shard(root: Path, out: Path, resize_short: int | None, shard_size: int, restart_markers: bool) -> dict:
     from pipeline.shards import shard_split
     from pipeline.sources import make_source
 
     cfg = ShardConfig(shard_size=shard_size, workers=1,
-                      encode=EncodeConfig(resize_short=resize_short, jpeg_quality=90))
+                      encode=EncodeConfig(resize_short=resize_short, jpeg_quality=90, restart_markers=restart_markers))
     t = time.perf_counter()
     s = shard_split(make_source("imagefolder", str(root), ("train",)), "train", out, cfg, seed=0, progress=False)
     return {"images": s.written, "seconds": time.perf_counter() - t, "bytes": du(out / "train")}
@@ -329,16 +330,19 @@ def goals(split, n: int, repeats: int, batch: int) -> dict:
             with Image.open(io.BytesIO(data)) as im:
                 standard(im.convert("RGB"))
 
-    def bare():
+    def bare(whole: Optional[bool]):
         for data, view in samples:
-            render_views([data], [view], 224, torch.uint8)
+            render_views([data], [view], 224, torch.uint8, whole=whole)
 
     def loader(workers: int):
         r = loader_epoch(split, batch, workers, "uint8", memory=False)
         return r["images"] / r["seconds"]
 
     rates: dict[str, list[float]] = {"T torchvision standard": [], "R bare decode+render": [],
-                                     "L loader 1 worker": [], "L0 loader in-process": []}
+                                     "R' the same, whole decode": [], "L loader 1 worker": [],
+                                     "L0 loader in-process": []}
+    modes = {"T torchvision standard": tv, "R bare decode+render": lambda: bare(None),
+             "R' the same, whole decode": lambda: bare(True)}
     fns = list(rates)
     for r in range(repeats):
         for k in fns[r % len(fns):] + fns[:r % len(fns)]:
@@ -347,7 +351,7 @@ def goals(split, n: int, repeats: int, batch: int) -> dict:
                 rates[k].append(loader(0 if k.startswith("L0") else 1))
             else:
                 t = time.perf_counter()
-                (tv if k.startswith("T") else bare)()
+                modes[k]()
                 rates[k].append(len(samples) / (time.perf_counter() - t))
     return {k: statistics.median(v) for k, v in rates.items()} | {"runs": rates}
 
@@ -373,12 +377,14 @@ def _hms(sec: float) -> str:
 @click.option("--cores", default=16, show_default=True, help="CPU cores of the machine projected to.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="work folder to keep (default: a temp dir).")
+@click.option("--restart-markers/--no-restart-markers", default=True, show_default=True,
+              help="shard.encode.restart_markers (configs/imagenet-base.yaml: on): the loader decodes only a view's MCUs.")
 @click.option("--jitter/--no-jitter", default=True, show_default=True,
               help="views with imagenet-base's colour jitter (0.4/0.4/0.4), or crop + flip only, (T)'s work.")
 @click.option("--goals/--no-goals", "run_goals", default=True, show_default=True, help="the side-by-side goal modes.")
 @click.option("--smoke", is_flag=True, help="toy size: seconds.")
 def main(images, classes, views, tokenize_images, resize_short, shard_size, batch, goal_images, repeats,
-         cores, seed, keep, jitter, run_goals, smoke):
+         cores, seed, keep, restart_markers, jitter, run_goals, smoke):
     torch.set_num_threads(1)
     if smoke:
         images, classes, views, tokenize_images, shard_size, batch, goal_images, repeats = 48, 8, 2, 4, 16, 8, 16, 1
@@ -386,10 +392,11 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
     t0 = time.perf_counter()
     try:
         print(f"rehearsal: {images} images, {classes} classes, {views} views, resize_short {resize_short or None}, "
-              f"views {'with' if jitter else 'without'} colour jitter, work {work}; one core per stage (torch threads 1)")
+              f"views {'with' if jitter else 'without'} colour jitter, restart markers {'on' if restart_markers else 'off'}, "
+              f"work {work}; one core per stage (torch threads 1)")
         fold = make_folder(work / "src", images, classes, seed)
         print(f"1 folder    {fold['images'] / fold['seconds']:8.1f} img/s  {fold['bytes'] / images / 1024:.0f} KB/img")
-        sh = shard(work / "src", work / "shards", resize_short or None, shard_size)
+        sh = shard(work / "src", work / "shards", resize_short or None, shard_size, restart_markers)
         index = read_index(work / "shards" / "train", ["width", "height"])
         mpx = statistics.mean(w * h for w, h in zip(index["width"], index["height"])) / 1e6
         print(f"2 shard     {sh['images'] / sh['seconds']:8.1f} img/s/core  {sh['bytes'] / sh['images'] / 1024:.0f} KB/img "
@@ -424,8 +431,10 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
             return
         g = goals(split, min(goal_images, split.num_samples), repeats, batch)
         print(f"\ngoals, 224 px, one core each, {min(goal_images, split.num_samples)} images, medians of {repeats}:")
-        for k in ("T torchvision standard", "R bare decode+render", "L loader 1 worker", "L0 loader in-process"):
+        for k in g["runs"]:
             print(f"  {k:<26}{g[k]:8.1f} img/s   " + " ".join(f"{x:.0f}" for x in g["runs"][k]))
+        region = g["R bare decode+render"] / g["R' the same, whole decode"]
+        print(f"  region / whole decode (R / R'): {region:.2f}x")
         lt, lr = g["L loader 1 worker"] / g["T torchvision standard"], g["L loader 1 worker"] / g["R bare decode+render"]
         print(f"  loader / torchvision standard: {lt:.2f}x (target >= 1.5x)")
         print(f"  loader / bare decode+render:   {lr * 100:.1f}% (target >= 90%); in-process "

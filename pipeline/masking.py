@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Optional
 
@@ -197,21 +198,18 @@ def _grow(rng, mask, k) -> None:
     masked = flat.tolist()
     w8 = nb.reshape(-1).tolist()  # [h*w] neighbour counts (0 for masked cells)
     border = [i for i, c in enumerate(w8) if c]  # row-major, i.e. sorted
+    sq = [w8[i] * w8[i] for i in border]  # the border's weights, in border order
     integers = rng.integers
     for _ in range(k):
         # A non-empty, non-full mask on a connected grid always has a border
         # cell, so the total weight is > 0; integer draws keep zero-weight cells
-        # unreachable.
-        total = 0
-        for i in border:
-            total += w8[i] * w8[i]
-        r = int(integers(total))
-        acc = 0
-        for pos, idx in enumerate(border):
-            acc += w8[idx] * w8[idx]
-            if acc > r:
-                break
-        del border[pos]
+        # unreachable. The first cell whose running sum exceeds r is bisect_right
+        # of the running sums (accumulate and bisect run in C: ~3x the plain loop).
+        acc = list(itertools.accumulate(sq))
+        r = int(integers(acc[-1]))
+        pos = bisect.bisect_right(acc, r)
+        idx = border.pop(pos)
+        del sq[pos]
         flat[idx] = True
         masked[idx] = True
         w8[idx] = 0
@@ -221,7 +219,11 @@ def _grow(rng, mask, k) -> None:
                 c = ni * gw + nj
                 if not masked[c]:
                     if w8[c] == 0:
-                        bisect.insort(border, c)
+                        at = bisect.bisect_left(border, c)
+                        border.insert(at, c)
+                        sq.insert(at, 1)
+                    else:
+                        sq[bisect.bisect_left(border, c)] = (w8[c] + 1) ** 2
                     w8[c] += 1
 
 

@@ -1,39 +1,35 @@
 """Stored image bytes + views -> rendered views: the one function the tokenize stage and
 the trainers render through (`render_views`), so view parity holds by construction.
 
-Crop-aware decode. A view is known before its image is decoded (its box, flip and
-jitter are stored with the tokens), so a JPEG is decoded only as finely as the view
-needs: libjpeg's DCT scaling (1/2, 1/4, 1/8; simplejpeg `min_width`/`min_height`, the
-same decoder and scales as the shard stage's resize in pipeline/prepare.py) at the
-smallest scale whose copy of the crop box still has at least `size` pixels on both
-sides; then the box, mapped to that scale with fractional coordinates, is resized to
-`size` x `size` by PIL's antialiased bicubic on uint8 (`Image.resize(box=)` takes the
-fractional box exactly; a torch crop would have to round it to whole reduced pixels).
-Huffman decoding still reads the whole file; the IDCT and colour conversion shrink
-with the scale. The scale is a function of (view, size) alone, never of which other
-views share a batch, so the tokenize stage (V views of an image per batch) and the
-trainer (one view) render the same pixels. How far this moves from a full decode:
-tests/test_render.py (PSNR >= 30 dB per view, measured ~36-38 dB on photo-like JPEGs,
-see bench/README.md).
+JPEGs (what ImageNet-like shards hold) render in uint8 end to end, decoding no more than
+the view needs; a view is known before its image is decoded (its box, flip and jitter are
+stored with the tokens):
 
-Region decode. A JPEG written with a restart marker after every MCU (the shard stage's
-`shard.encode.restart_markers`, on in configs/imagenet-base.yaml) is also cut to the MCUs
-the view's box needs before decoding (pipeline/jpegregion.py): the box grown by the
-resize filter's reach and libjpeg's 2 px chroma-upsampling edge, so the rendered view has
-the same bits as one rendered from the whole decode (tests/test_render.py), while Huffman
-decoding, IDCT and colour conversion only run over that rectangle. A source with several
-views in one call (the tokenize stage) is decoded whole once instead, which costs less
-than V cuts and renders the same pixels.
+- DCT scaling: libjpeg's 1/2, 1/4, 1/8 (simplejpeg `min_width`/`min_height`, the shard
+  stage's decoder) at the smallest scale whose copy of the crop box still has >= `size`
+  pixels on both sides. The scale is a function of (view, size) alone, never of which
+  other views share a batch.
+- Region decode: a JPEG with a restart marker after every MCU (`shard.encode.restart_markers`,
+  on in configs/imagenet-base.yaml) is cut to the MCUs around the box before decoding
+  (pipeline/jpegregion.py), so Huffman decoding, IDCT and colour conversion run over that
+  rectangle only. A cut renders the same bits as the whole image (tests/test_render.py); a
+  source with several views in one call (the tokenize stage) is decoded whole once instead.
+- Resize: at full scale the box is whole pixels, cropped and resized by torch's antialiased
+  bicubic on uint8 (views.resize_views' algorithm); at a DCT scale the box is fractional,
+  resized by PIL (`resize_box`, passes in a fixed order).
+- Colour jitter and flip: views._jitter's ops on the view's uint8 pixels in one float
+  buffer, rounded once (`_jitter_u8`); no jitter, no float pass.
+
+How far this moves from the float reference (full decode + `views.apply_views`):
+tests/test_render.py (PSNR >= 30 dB per view) and bench/README.md.
 
 Other formats (PNG: the bundled default), and JPEGs libjpeg-turbo cannot turn into RGB
-(CMYK/YCCK; the shard stage normalises those, foreign shards may hold them), render
-exactly as before: full decode (`decode_rgb`) + `views.resize_views` (float, torch).
+(CMYK/YCCK; the shard stage normalises those, foreign shards may hold them), render as
+they always did: full decode (`decode_rgb`) + `views.apply_views` (float, torch).
 
-Transport. `dtype=torch.uint8` returns the rendered views quantised to uint8
-(round(255 x)), what a DataLoader worker ships (4x fewer bytes than float32); the
-consumer calls `normalize` once, on its device. A JPEG chunk whose views change colour by brightness alone (BEiT's jitter) never leaves uint8: PIL
-resizes, maps each value through a 256-entry table computed by the float path's own ops,
-and flips; the same bits as rendering in float and quantising, without the float passes.
+Transport. `dtype=torch.uint8` returns uint8 views (4x fewer bytes than float32 across the
+DataLoader worker boundary); the consumer calls `normalize` once, on its device. For JPEGs
+the float render is exactly that uint8 / 255; for the float path, uint8 is round(255 x).
 """
 from __future__ import annotations
 
@@ -44,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 import simplejpeg
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from pipeline import jpegregion
@@ -127,33 +124,35 @@ def dct_denom(view: View, size: int) -> int:
     return 1
 
 
-def _lut_only(view: View) -> bool:
-    """True when the view's colour change is a per-value function of the uint8 pixel
-    (brightness alone; contrast needs the view's mean, saturation its grey, hue HSV)."""
-    return (view.contrast, view.saturation, view.hue) == (1.0, 1.0, 0.0)
+def _jpeg_view(src: Encoded, view: View, size: int, whole: bool) -> torch.Tensor:
+    """uint8 [3, size, size]: the whole view of a JPEG (resize, colour jitter, flip), with
+    one float pass only where the view has colour jitter."""
+    x = _jpeg_resize(src, view, size, whole)  # [3, S, S]
+    if (view.brightness, view.contrast, view.saturation, view.hue) != (1.0, 1.0, 1.0, 0.0):
+        x = _jitter_u8(x, view)
+    return x.flip(-1) if view.flip else x
 
 
-def _brightness_lut(factor: float) -> bytes:
-    """256 entries: what finish_views' brightness blend then `quantize` make of each uint8
-    value, computed by the very same float32 torch ops (so the LUT is bit-exact)."""
-    x = torch.arange(256, dtype=torch.float32).div_(255.0).view(1, 1, 16, 16)  # [1,1,16,16]
-    f = torch.tensor([factor], dtype=torch.float32).view(-1, 1, 1, 1)
-    y = (f * x + (1.0 - f) * torch.zeros_like(x)).clamp_(0.0, 1.0)  # views._blend with zeros
-    return quantize(y).reshape(-1).numpy().tobytes()
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
-def _jpeg_view_u8(src: Encoded, view: View, size: int, whole: bool) -> np.ndarray:
-    """uint8 [size, size, 3], the whole view (resize, brightness, flip) in uint8 C code:
-    the bits of the float path quantised (`_brightness_lut`), without two float passes."""
-    a = _jpeg_resize(src, view, size, whole)  # [size, size, 3]
-    if view.brightness == 1.0 and not view.flip:
-        return a
-    im = Image.fromarray(a)
+def _jitter_u8(x: torch.Tensor, view: View) -> torch.Tensor:
+    """uint8 [3, S, S] -> uint8 [3, S, S]: views._jitter's colour ops (brightness, contrast,
+    saturation, hue, in that order, each clamped) in one float32 buffer with scalar factors,
+    rounded once at the end. ~3x cheaper than the batched float path per 224 px view (no
+    per-view factor tensors, the contrast mean from three channel means)."""
+    y = x.float()  # [3, S, S] in [0, 255]
     if view.brightness != 1.0:
-        im = im.point(list(_brightness_lut(view.brightness)) * 3)  # one table per band
-    if view.flip:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(im)  # [size, size, 3]
+        y.mul_(view.brightness).clamp_(0.0, 255.0)
+    if view.contrast != 1.0:
+        mean = float((y.mean(dim=(1, 2)) * torch.tensor(GREY)).sum())  # mean of the grey image
+        y.mul_(view.contrast).add_((1.0 - view.contrast) * mean).clamp_(0.0, 255.0)
+    if view.saturation != 1.0:
+        grey = y[0] * GREY[0] + y[1] * GREY[1] + y[2] * GREY[2]  # [S, S]
+        y.mul_(view.saturation).add_(grey, alpha=1.0 - view.saturation).clamp_(0.0, 255.0)
+    if view.hue != 0.0:  # rare (BEiT uses hue 0): torchvision's HSV round trip
+        y = TF.adjust_hue(y.div_(255.0), view.hue).mul_(255.0)
+    return y.round_().to(torch.uint8)
 
 
 def _reach(extent: float, denom: int, size: int) -> float:
@@ -165,8 +164,8 @@ def _reach(extent: float, denom: int, size: int) -> float:
     return denom * (2.0 * max(1.0, extent / (denom * size)) + 1.5 + jpegregion.CHROMA_EDGE)
 
 
-def _jpeg_resize(src: Encoded, view: View, size: int, whole: bool = True) -> np.ndarray:
-    """uint8 [size, size, 3]: the view's box from the JPEG decoded at its DCT scale (and, with a
+def _jpeg_resize(src: Encoded, view: View, size: int, whole: bool = True) -> torch.Tensor:
+    """uint8 [3, size, size]: the view's box from the JPEG decoded at its DCT scale (and, with a
     restart marker after every MCU and `whole` False, only the MCUs around the box), resized.
 
     At full scale the box is whole pixels: cropped and resized by torch's antialiased bicubic on
@@ -193,14 +192,14 @@ def _jpeg_resize(src: Encoded, view: View, size: int, whole: bool = True) -> np.
     # into 8/d x 8/d), so source coordinate x sits at x/d: the box, exactly, in reduced pixels.
     box = (view.left / d - ox, view.top / d - oy, (view.left + view.width) / d - ox, (view.top + view.height) / d - oy)
     im = src.scaled_image(d) if img is None else Image.fromarray(img)
-    return np.asarray(resize_box(im, box, size))  # [size, size, 3]
+    return torch.from_numpy(np.array(resize_box(im, box, size))).permute(2, 0, 1).contiguous()  # [3, S, S]
 
 
-def resize_u8(crop: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [h, w, 3] -> [size, size, 3]: torch's antialiased bicubic on uint8 (channels-last)."""
+def resize_u8(crop: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [h, w, 3] -> [3, size, size]: torch's antialiased bicubic on uint8."""
     x = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)  # [1, 3, h, w], HWC strides (channels-last)
     y = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return y[0].permute(1, 2, 0).numpy()  # [size, size, 3]
+    return y[0]  # [3, S, S], contiguous
 
 
 def resize_box(im: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
@@ -218,9 +217,11 @@ def resize_box(im: Image.Image, box: tuple[float, float, float, float], size: in
 
 
 def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size: int,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 dtype: torch.dtype = torch.float32, whole: Optional[bool] = None) -> torch.Tensor:
     """Each view of each source rendered at size x size: [B, 3, size, size], float32 in
-    [0, 1], or (dtype uint8) round(255 x) of it. Sources are `Encoded` or raw bytes."""
+    [0, 1], or (dtype uint8) round(255 x) of it. Sources are `Encoded` or raw bytes.
+    `whole`: None decodes a source with one view here by its MCUs, else whole; True always
+    whole (the same bits either way; bench/rehearsal.py compares the speed)."""
     if len(sources) != len(views):
         raise ValueError(f"{len(sources)} images but {len(views)} views")
     if size < 1:
@@ -232,18 +233,17 @@ def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size
     other = [i for i, s in enumerate(srcs) if not s.jpeg]
     # a source with several views here (tokenize) decodes whole once; one view: just its MCUs
     uses = collections.Counter(id(s) for s in srcs)
-    whole = [uses[id(s)] > 1 for s in srcs]
-    if not other and dtype == torch.uint8 and all(_lut_only(v) for v in views):
-        # uint8 end to end; the same bits as the float path below, quantised (tests/test_render.py)
-        hwc = np.stack([_jpeg_view_u8(s, v, size, w) for s, v, w in zip(srcs, views, whole)])  # [B, S, S, 3]
-        return torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()  # [B, 3, S, S]
+    whole = [True] * len(srcs) if whole else [uses[id(s)] > 1 for s in srcs]
+    if not other:  # JPEGs only: uint8 end to end; float is that / 255 (so uint8 = quantize(float) exactly)
+        u8 = torch.stack([_jpeg_view(s, v, size, w) for s, v, w in zip(srcs, views, whole)])  # [B, 3, S, S]
+        return u8 if dtype == torch.uint8 else u8.float().div_(255.0)
     x = torch.empty(len(srcs), 3, size, size)  # [B, 3, S, S]
     if jpeg:
-        u8 = torch.from_numpy(np.stack([_jpeg_resize(srcs[i], views[i], size, whole[i]) for i in jpeg]))  # [J, S, S, 3]
-        x[jpeg] = u8.permute(0, 3, 1, 2).float().div_(255.0)  # [J, 3, S, S] in [0, 1]
+        u8 = torch.stack([_jpeg_view(srcs[i], views[i], size, whole[i]) for i in jpeg])  # [J, 3, S, S]
+        x[jpeg] = u8.float().div_(255.0)  # [J, 3, S, S] in [0, 1], finished
     if other:
-        x[other] = resize_views([srcs[i].full() for i in other], [views[i] for i in other], size)
-    x = finish_views(x, views)
+        x[other] = finish_views(resize_views([srcs[i].full() for i in other], [views[i] for i in other], size),
+                                [views[i] for i in other])
     return quantize(x) if dtype == torch.uint8 else x
 
 

@@ -16,6 +16,6 @@ def test_rehearsal_smoke_runs_every_stage():
     text = out.stdout
     for line in ("1 folder", "2 shard", "3 tokenize", "DALL-E", "4 loader", "PSS (main + worker)",
                  "ImageNet-1k projection", "disk: shards", "loader / torchvision standard",
-                 "loader / bare decode+render"):
+                 "loader / bare decode+render", "region / whole decode"):
         assert line in text, text
     assert "48 images" in text and "1,281,167 images" in text
