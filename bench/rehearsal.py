@@ -238,7 +238,8 @@ class RSS:
         return max(seen) if seen else 0
 
 
-def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool = True) -> dict:
+def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool = True,
+                 limit: Optional[int] = None) -> dict:
     """`_loader_epoch` in a fresh (spawned) process, as a trainer runs it: a DataLoader
     worker forked from this process would copy-on-write pages of the earlier stages'
     heap as its garbage collector touches them, and the memory would grow for that
@@ -255,7 +256,7 @@ def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool =
         tar.read_bytes()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    p = ctx.Process(target=_loader_child, args=(out, split, batch, workers, transport, memory))
+    p = ctx.Process(target=_loader_child, args=(out, split, batch, workers, transport, memory, limit))
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # read by the child's glibc at start
     try:
@@ -272,15 +273,15 @@ def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool =
     return result
 
 
-def _loader_child(out, split, batch, workers, transport, memory) -> None:
+def _loader_child(out, split, batch, workers, transport, memory, limit) -> None:
     torch.set_num_threads(1)
     try:
-        out.put(_loader_epoch(split, batch, workers, transport, memory))
+        out.put(_loader_epoch(split, batch, workers, transport, memory, limit))
     except BaseException as err:  # noqa: BLE001  (handed to the parent, which raises it)
         out.put(err)
 
 
-def _loader_epoch(split, batch: int, workers: int, transport: str, memory: bool) -> dict:
+def _loader_epoch(split, batch: int, workers: int, transport: str, memory: bool, limit: Optional[int]) -> dict:
     cfg = LoaderConfig(num_workers=workers, shuffle_buffer=max(batch * 4, 64), transport=transport)
     masks = MaskGenerator((14, 14), MaskingConfig(kind="block", mask_ratio=0.4))
     ds = MIMDataset(split, cfg, 224, masks, seed=0)
@@ -294,6 +295,8 @@ def _loader_epoch(split, batch: int, workers: int, transport: str, memory: bool)
             normalize(b["image"], cfg.mean, cfg.std, "cpu")  # what the step does on its device
             k += 1
             rss.frac = k / total
+            if limit is not None and k * batch >= limit:
+                break
         sec = time.perf_counter() - t
         rss.frac = -1.0  # the worker shuts down now: not part of the epoch's samples
     if not memory:
@@ -335,7 +338,7 @@ def goals(split, n: int, repeats: int, batch: int) -> dict:
             render_views([data], [view], 224, torch.uint8, whole=whole)
 
     def loader(workers: int):
-        r = loader_epoch(split, batch, workers, "uint8", memory=False)
+        r = loader_epoch(split, batch, workers, "uint8", memory=False, limit=max(4 * batch, n))
         return r["images"] / r["seconds"]
 
     rates: dict[str, list[float]] = {"T torchvision standard": [], "R bare decode+render": [],

@@ -109,6 +109,8 @@ class MIMDataset(torch.utils.data.IterableDataset):
         # ~180 to ~80 us/img (per-call tensor set-up dominates); at 224 px they do not
         # help (2.5 ms/img either way, more memory traffic), so large views go one by one.
         self.render_chunk = 32 if image_size <= 64 else 1
+        # Set by stream.batches: yield batches of this size (make_batch), not samples.
+        self.batch_size: Optional[int] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -116,35 +118,61 @@ class MIMDataset(torch.utils.data.IterableDataset):
     def make_sample(self, sample: dict) -> dict:
         return self.make_samples([sample])[0]
 
+    def _gather(self, samples: list[dict]) -> tuple[list, list, list, list, list]:
+        """(encoded images, this epoch's views, token grids [h, w], labels, keys) of the samples."""
+        images, views, tokens, labels, keys = [], [], [], [], []
+        epoch = self.epoch
+        for sample in samples:
+            key = sample_key(sample)
+            images.append(Encoded(image_bytes(sample)))  # decoded at the view's DCT scale (JPEG)
+            grids = sample["__tokens__"]  # [V, h, w]
+            v = (epoch + stable_hash("view", key)) % grids.shape[0]
+            views.append(view_of(sample["__views__"][v]))
+            tokens.append(grids[v])
+            labels.append(int(sample["cls"]))
+            keys.append(key)
+        return images, views, tokens, labels, keys
+
+    def _mask(self, key: str) -> np.ndarray:
+        # default_rng(s) is Generator(PCG64(s)); the direct form skips a dispatch.
+        rng = np.random.Generator(np.random.PCG64(stable_hash("mask", self.seed, self.epoch, key)))
+        return self.masks(rng).reshape(-1)  # bool [h*w]
+
+    def _render(self, images: list, views: list, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.cfg.transport == "uint8":
+            return render_views(images, views, self.image_size, torch.uint8, out=out)  # [B, 3, S, S]; normalize() later
+        x = render_views(images, views, self.image_size, out=out)  # float [B, 3, S, S] in [0, 1]
+        return x.sub_(self._mean).div_(self._std)  # in place: same bits as (x - mean) / std
+
     def make_samples(self, samples: list[dict]) -> list[dict]:
         """`make_sample` of each sample, the views rendered in one `render_views` call.
 
         Same bits as rendering one at a time (render_views works per image up to the
         resize, then per sample over the batch; tests/test_loader.py checks it): the
         per-call tensor set-up of the crop/flip/jitter ops is paid once per chunk."""
-        images, views, outs, keys = [], [], [], []
-        epoch = self.epoch
-        for sample in samples:
-            key = sample_key(sample)
-            images.append(Encoded(image_bytes(sample)))  # decoded at the view's DCT scale (JPEG)
-            tokens = sample["__tokens__"]  # [V, h, w]
-            v = (epoch + stable_hash("view", key)) % tokens.shape[0]
-            views.append(view_of(sample["__views__"][v]))
-            outs.append({"label": int(sample["cls"]),
-                         "tokens": torch.from_numpy(tokens[v].astype(np.int64))})  # [h, w]
-            keys.append(key)
-        if self.cfg.transport == "uint8":
-            x = render_views(images, views, self.image_size, torch.uint8)  # uint8 [B, 3, S, S]; normalize() later
-        else:
-            x = render_views(images, views, self.image_size)  # float [B, 3, S, S] in [0, 1]
-            x.sub_(self._mean).div_(self._std)  # in place: same bits as (x - mean) / std
-        for out, image, key in zip(outs, x.unbind(0), keys):
-            out["image"] = image  # [3, S, S]
+        images, views, tokens, labels, keys = self._gather(samples)
+        x = self._render(images, views)
+        outs = []
+        for label, grid, image, key in zip(labels, tokens, x.unbind(0), keys):
+            out = {"label": label, "tokens": torch.from_numpy(grid.astype(np.int64)), "image": image}  # [h, w], [3, S, S]
             if self.masks is not None:
-                # default_rng(s) is Generator(PCG64(s)); the direct form skips a dispatch.
-                rng = np.random.Generator(np.random.PCG64(stable_hash("mask", self.seed, epoch, key)))
-                out["mask"] = torch.from_numpy(self.masks(rng).reshape(-1))  # bool [h*w]
+                out["mask"] = torch.from_numpy(self._mask(key))  # bool [h*w]
+            outs.append(out)
         return outs
+
+    def make_batch(self, samples: list[dict]) -> dict:
+        """The samples as one batch, the same tensors `default_collate(make_samples(samples))`
+        gives (tests/test_loader_fast.py), built without per-sample tensors: the views are
+        rendered straight into the batch (in a DataLoader worker, into shared memory, which
+        is where default_collate would have copied them), tokens and masks stacked once."""
+        images, views, tokens, labels, keys = self._gather(samples)
+        dtype = torch.uint8 if self.cfg.transport == "uint8" else torch.float32
+        out = _empty((len(samples), 3, self.image_size, self.image_size), dtype)  # [B, 3, S, S]
+        batch = {"label": torch.tensor(labels), "tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),
+                 "image": self._render(images, views, out)}  # [B], [B, h, w]
+        if self.masks is not None:
+            batch["mask"] = torch.from_numpy(np.stack([self._mask(k) for k in keys]))  # bool [B, h*w]
+        return batch
 
     def _tokens(self, samples: Iterator[dict]) -> Iterator[dict]:
         return attach_tokens(samples, open_tokens(self.split.token_path), self.split.shards)
@@ -152,6 +180,14 @@ class MIMDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         stream = epoch_stream(self.split, self.seed, self.epoch, train=True, buffer_size=self.cfg.shuffle_buffer,
                               buffer_salt="buffer", stages=(self._tokens,))
+        if self.batch_size:  # whole batches (stream.batches sets it); this worker's last partial one dropped
+            chunk = []
+            for sample in stream:
+                chunk.append(sample)
+                if len(chunk) == self.batch_size:
+                    yield self.make_batch(chunk)
+                    chunk = []
+            return
         chunk: list[dict] = []
         for sample in stream:
             chunk.append(sample)
@@ -160,3 +196,13 @@ class MIMDataset(torch.utils.data.IterableDataset):
                 chunk = []
         if chunk:
             yield from self.make_samples(chunk)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, in shared memory inside a DataLoader worker: the batch then crosses to the
+    main process without the copy the worker's pickler would make (what default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)

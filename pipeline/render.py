@@ -47,6 +47,10 @@ from pipeline import jpegregion
 from pipeline.shardread import JPEG_MAGIC, decode_rgb
 from pipeline.views import View, finish_views, resize_views
 
+# A cut costs ~0.1-0.15 ms (finding the markers, re-wrapping the bytes, a second header parse)
+# and saves decoding the MCUs outside it (~1.3 us each): worth it below ~60% of a 256 px
+# image's MCUs (bench/rehearsal.py, R vs R'); above, the whole image is decoded (same bits).
+CUT_SHARE = 0.6
 DCT_DENOMS = (8, 4, 2)  # libjpeg-turbo's SIMD IDCT scales (3/4, 7/8, ... are plain C and slower)
 _RGB_JPEG = ("YCbCr", "RGB", "Gray")  # what simplejpeg decodes to RGB (decode_rgb's fast path)
 
@@ -180,7 +184,7 @@ def _jpeg_resize(src: Encoded, view: View, size: int, whole: bool = True) -> tor
     if lay is not None:
         win = jpegregion.window(lay, view.left, view.top, view.left + view.width, view.top + view.height,
                                 _reach(view.width, d, size), _reach(view.height, d, size))
-        if win != (0, lay.rows, 0, lay.cols):
+        if (win[1] - win[0]) * (win[3] - win[2]) <= CUT_SHARE * lay.rows * lay.cols:
             # the cut starts at MCU (r0, c0), i.e. at reduced pixel (r0 mcu_h / d, c0 mcu_w / d): exact, as
             # mcu sides are multiples of 8; the box moves by that whole number of pixels
             img, ox, oy = src.region(win, d), win[2] * lay.mcu_w // d, win[0] * lay.mcu_h // d
@@ -217,11 +221,13 @@ def resize_box(im: Image.Image, box: tuple[float, float, float, float], size: in
 
 
 def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size: int,
-                 dtype: torch.dtype = torch.float32, whole: Optional[bool] = None) -> torch.Tensor:
+                 dtype: torch.dtype = torch.float32, whole: Optional[bool] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each view of each source rendered at size x size: [B, 3, size, size], float32 in
     [0, 1], or (dtype uint8) round(255 x) of it. Sources are `Encoded` or raw bytes.
     `whole`: None decodes a source with one view here by its MCUs, else whole; True always
-    whole (the same bits either way; bench/rehearsal.py compares the speed)."""
+    whole (the same bits either way; bench/rehearsal.py compares the speed). `out`: a
+    [B, 3, size, size] tensor of `dtype` to render into (a batch buffer), returned."""
     if len(sources) != len(views):
         raise ValueError(f"{len(sources)} images but {len(views)} views")
     if size < 1:
@@ -234,9 +240,14 @@ def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size
     # a source with several views here (tokenize) decodes whole once; one view: just its MCUs
     uses = collections.Counter(id(s) for s in srcs)
     whole = [True] * len(srcs) if whole else [uses[id(s)] > 1 for s in srcs]
+    if out is not None and (out.shape != (len(srcs), 3, size, size) or out.dtype != dtype):
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, not {dtype} {(len(srcs), 3, size, size)}")
     if not other:  # JPEGs only: uint8 end to end; float is that / 255 (so uint8 = quantize(float) exactly)
-        u8 = torch.stack([_jpeg_view(s, v, size, w) for s, v, w in zip(srcs, views, whole)])  # [B, 3, S, S]
-        return u8 if dtype == torch.uint8 else u8.float().div_(255.0)
+        u8 = [_jpeg_view(s, v, size, w) for s, v, w in zip(srcs, views, whole)]  # [3, S, S] each
+        if dtype == torch.uint8:
+            return torch.stack(u8, out=out)  # [B, 3, S, S]
+        x = torch.stack(u8).float().div_(255.0)
+        return x if out is None else out.copy_(x)
     x = torch.empty(len(srcs), 3, size, size)  # [B, 3, S, S]
     if jpeg:
         u8 = torch.stack([_jpeg_view(srcs[i], views[i], size, whole[i]) for i in jpeg])  # [J, 3, S, S]
@@ -244,7 +255,8 @@ def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size
     if other:
         x[other] = finish_views(resize_views([srcs[i].full() for i in other], [views[i] for i in other], size),
                                 [views[i] for i in other])
-    return quantize(x) if dtype == torch.uint8 else x
+    x = quantize(x) if dtype == torch.uint8 else x
+    return x if out is None else out.copy_(x)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:

@@ -139,9 +139,16 @@ def batches(dataset: torch.utils.data.IterableDataset, batch_size: int, num_work
     batch has the same shape); `skip` resumes mid-epoch. Stop after
     `epoch_steps(...)` batches to keep DDP ranks in step."""
     dataset.set_epoch(epoch)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    if getattr(dataset, "make_batch", None) is not None:
+        # The dataset batches itself (pipeline/mim.py: rendered straight into the batch, in shared
+        # memory in a worker): the same batches, without a per-sample collate (bench/README.md).
+        dataset.batch_size = batch_size
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
+    else:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
+            persistent_workers=False, pin_memory=torch.cuda.is_available())
     for i, batch in enumerate(loader):
         if i >= skip:
             yield batch
@@ -150,6 +157,8 @@ def batches(dataset: torch.utils.data.IterableDataset, batch_size: int, num_work
 def eval_batches(dataset: torch.utils.data.IterableDataset, batch_size: int, num_workers: int,
                  limit: Optional[int] = None) -> Iterator[dict]:
     """Every sample of the split once (no drop_last), at most `limit` samples."""
+    if getattr(dataset, "make_batch", None) is not None:
+        dataset.batch_size = None  # samples, collated here (a training loader may have set it)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                          num_workers=num_workers, drop_last=False)
     seen = 0

@@ -127,7 +127,10 @@ def ref_attach_tokens(samples, store, shard_names) -> Iterator[dict]:
 
 
 class LegacyMIMDataset(MIMDataset):
-    """MIMDataset with the pre-change stages and per-sample make_sample."""
+    """MIMDataset with the pre-change stages and per-sample make_sample, batched by the
+    DataLoader's collate (it predates the dataset-side batches)."""
+
+    make_batch = None
 
     def make_sample(self, sample: dict) -> dict:
         key = sample["__key__"].split("/")[-1]

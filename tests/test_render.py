@@ -100,7 +100,7 @@ def test_region_decode_renders_the_bits_of_the_whole_decode(monkeypatch, dtype):
                 whole = render_views([src, src], [view, view], size, dtype)[:1]  # two views: decoded whole
                 assert torch.equal(alone, whole), (i, size, v)
                 n += 1
-    assert n == 160 and len(cuts) >= 100 and {1, 2, 4, 8} <= set(cuts)  # the cut path really ran, at every scale
+    assert n == 160 and len(cuts) >= 60 and {1, 2, 4, 8} <= set(cuts)  # the cut path really ran, at every scale
 
 
 def test_scale_is_the_smallest_that_keeps_the_output_resolution():
