@@ -23,7 +23,7 @@ from typing import Any, Optional
 import click
 
 from pipeline.atomic import atomic_file, atomic_write
-from stages.claims import METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, summary
+from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, summary, variant_of
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.vis_report import visualize_section
@@ -158,7 +158,12 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
            "error": bool(entry.get("error"))}
     row.update({k: params.get(k) for k in EXP_PARAMS})
     row["finetune_top1"] = _metric_of(data, sources.get("finetune"), "top1")
-    row["scratch_top1"] = _metric_of(data, sources.get("scratch"), "top1")
+    # scratch reads none of masking / target / mask_ratio (its DVC params): a pretraining
+    # variant's row could only repeat the default run of its seed, or, after a targeted
+    # `dvc exp run finetune linear-probe knn -S masking=...`, hold a stale copy of another
+    # seed's. The default variant's rows carry it.
+    row["scratch_top1"] = (_metric_of(data, sources.get("scratch"), "top1")
+                           if variant_of(row) in (DEFAULT, None) else None)
     # Frozen-feature scores carry no fine-tuning noise: the cleaner read of a pretraining ablation.
     row["linear_probe_top1"] = _metric_of(data, sources.get("linear_probe"), "top1")
     row["knn_top1"] = _metric_of(data, sources.get("knn"), "top1")
@@ -331,6 +336,8 @@ def claims_section(rows: list[dict]) -> list[str]:
                      *(_mean_sd(s[m]) for m in METRICS)])
     lines += _table(["masking", "target", "mask ratio", "seeds", "fine-tune (%)", "scratch (%)",
                      "linear probe (%)", "kNN (%)", "linear probe on pixels (%)", "kNN on pixels (%)"], body)
+    lines += ["", "Scratch is one run per seed, on the default variant's row: its stage reads none of "
+                  "masking, target or mask_ratio."]
     lines += ["", "### The paper's claims at this scale", ""]
     body = []
     for c in judge(rows):

@@ -63,15 +63,17 @@ def table_row(md: str, first_cells: str) -> list[str]:
 
 def test_parse_recorded_exp_show(params):
     rows = rep.parse_exp_show(exp_sample(), rep.metric_sources(params))
-    got = [(r["kind"], r["name"], r["rev"], r["mask_ratio"], r["masking"], r["target"], r["seed"],
-            round(r["finetune_top1"], 2), round(r["scratch_top1"], 2)) for r in rows]
+    # scratch (which reads no pretraining-variant param) only on the default variant's rows
+    got = [g[:-1] + (None if g[-1] is None else round(g[-1], 2),) for g in
+           [(r["kind"], r["name"], r["rev"], r["mask_ratio"], r["masking"], r["target"], r["seed"],
+             round(r["finetune_top1"], 2), r["scratch_top1"]) for r in rows]]
     assert got == [
         ("workspace", "workspace", "workspace", 0.4, "block", "tokens", 0, 80.0, 70.0),
         ("baseline", "master", "0832c60", 0.4, "block", "tokens", 0, 80.0, 70.0),
-        ("experiment", "elfin-duff", "e952797", 0.4, "random", "pixels", 0, 73.0, 70.0),
-        ("experiment", "gusty-tang", "74d8f79", 0.4, "block", "pixels", 0, 75.0, 70.0),
-        ("experiment", "aided-bags", "c82843c", 0.4, "random", "tokens", 0, 78.0, 70.0),
-        ("experiment", "laced-adze", "55964a5", 0.3, "block", "tokens", 0, 70.0, 70.0),
+        ("experiment", "elfin-duff", "e952797", 0.4, "random", "pixels", 0, 73.0, None),
+        ("experiment", "gusty-tang", "74d8f79", 0.4, "block", "pixels", 0, 75.0, None),
+        ("experiment", "aided-bags", "c82843c", 0.4, "random", "tokens", 0, 78.0, None),
+        ("experiment", "laced-adze", "55964a5", 0.3, "block", "tokens", 0, 70.0, None),
     ]
     assert all(r["baseline"] == "master" for r in rows if r["kind"] == "experiment")
     # frozen-feature columns: this recording has pretrain metrics but no probe/kNN files
@@ -96,6 +98,9 @@ def test_parse_missing_metric_and_params_give_none(params):
     exp["params"]["params.yaml"]["data"].pop("seed")
     rows = rep.parse_exp_show(raw, rep.metric_sources(params))
     assert rows[2]["scratch_top1"] is None and rows[2]["seed"] is None and rows[2]["finetune_top1"] == 73.0
+    base = raw[1]["data"]
+    del base["metrics"]["metrics/scratch.json"]
+    assert rep.parse_exp_show(raw, rep.metric_sources(params))[1]["scratch_top1"] is None  # default row, file gone
 
 
 # ---- the report on fake metric files ----------------------------------------------------------
@@ -129,7 +134,7 @@ def test_report_all_metrics(tmp_path, params):
     assert table_row(md, "DeiT-B from scratch") == ["DeiT-B from scratch", "81.8"]
     assert [table_row(md, v)[3] for v, *_ in rep.PAPER_ABLATION] == ["82.86", "82.77", "81.04", "80.50"]
     assert table_row(md, "elfin-duff") == ["elfin-duff", "e952797", "0.40", "random", "pixels", "0",
-                                           "73.00", "70.00", "+3.00", "—", "—", "20.00"]
+                                           "73.00", "—", "—", "—", "—", "20.00"]  # scratch: the default row's
     assert table_row(md, "master (baseline)")[6] == "80.00"
     assert table_row(md, "laced-adze")[2] == "0.30"
     assert "![results](results.png)" in md
