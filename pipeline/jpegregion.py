@@ -60,6 +60,10 @@ class Layout:
     starts: np.ndarray  # int64 [rows * cols]: first byte of each MCU's segment
     ends: np.ndarray  # int64 [rows * cols]: one past its last byte (its marker, or the final EOI)
 
+    def extent(self, r0: int, r1: int, c0: int, c1: int) -> tuple[int, int]:
+        """(width, height) in px of MCU rows [r0, r1) x columns [c0, c1) (the last ones may be partial)."""
+        return min(c1 * self.mcu_w, self.width) - c0 * self.mcu_w, min(r1 * self.mcu_h, self.height) - r0 * self.mcu_h
+
 
 def layout(data: bytes) -> Optional[Layout]:
     """The MCU segments of a baseline JPEG with one interleaved scan and a restart marker
@@ -91,9 +95,9 @@ def layout(data: bytes) -> Optional[Layout]:
             break
         pos += 2 + length
     height, width = struct.unpack(">HH", data[sof + 5:sof + 9])
-    sampling = [data[sof + 11 + 3 * i] for i in range(components)]
     if height == 0 or width == 0 or sof + 10 + 3 * components > n:
         return None
+    sampling = [data[sof + 11 + 3 * i] for i in range(components)]
     # one component: the MCU is one 8x8 block whatever its sampling factors say
     hmax = 1 if components == 1 else max(s >> 4 for s in sampling)
     vmax = 1 if components == 1 else max(s & 15 for s in sampling)
@@ -145,8 +149,7 @@ def cut(data: bytes, lay: Layout, r0: int, r1: int, c0: int, c1: int) -> bytes:
     decode's [r0*mcu_h : r1*mcu_h, c0*mcu_w : c1*mcu_w] (but for CHROMA_EDGE at inner edges)."""
     if not (0 <= r0 < r1 <= lay.rows and 0 <= c0 < c1 <= lay.cols):
         raise ValueError(f"MCU window rows [{r0}, {r1}) cols [{c0}, {c1}) outside {lay.rows}x{lay.cols}")
-    height = min(r1 * lay.mcu_h, lay.height) - r0 * lay.mcu_h
-    width = min(c1 * lay.mcu_w, lay.width) - c0 * lay.mcu_w
+    width, height = lay.extent(r0, r1, c0, c1)
     header = b"".join((data[:lay.sof + 5], struct.pack(">HH", height, width), data[lay.sof + 9:lay.scan]))
     ncol = c1 - c0
     first = np.arange(r0, r1, dtype=np.int64) * lay.cols + c0  # [R] first MCU of each row

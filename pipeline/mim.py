@@ -180,23 +180,17 @@ class MIMDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         stream = epoch_stream(self.split, self.seed, self.epoch, train=True, buffer_size=self.cfg.shuffle_buffer,
                               buffer_salt="buffer", stages=(self._tokens,))
-        if self.batch_size:  # whole batches (stream.batches sets it); this worker's last partial one dropped
-            chunk = []
-            for sample in stream:
-                chunk.append(sample)
-                if len(chunk) == self.batch_size:
-                    yield self.make_batch(chunk)
-                    chunk = []
-            return
+        # whole batches (stream.batches sets batch_size; this worker's last partial one is dropped),
+        # else samples rendered render_chunk at a time
+        size = self.batch_size or self.render_chunk
         chunk: list[dict] = []
         for sample in stream:
             chunk.append(sample)
-            if len(chunk) >= self.render_chunk:
-                yield from self.make_samples(chunk)
+            if len(chunk) >= size:
+                yield from ([self.make_batch(chunk)] if self.batch_size else self.make_samples(chunk))
                 chunk = []
-        if chunk:
+        if chunk and not self.batch_size:
             yield from self.make_samples(chunk)
-
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """torch.empty, in shared memory inside a DataLoader worker: the batch then crosses to the

@@ -45,7 +45,7 @@ from PIL import Image
 
 from pipeline import jpegregion
 from pipeline.shardread import JPEG_MAGIC, decode_rgb
-from pipeline.views import View, finish_views, resize_views
+from pipeline.views import LUMA, View, finish_views, resize_views
 
 # A cut costs ~0.1-0.15 ms (finding the markers, re-wrapping the bytes, a second header parse)
 # and saves decoding the MCUs outside it (~1.3 us each): worth it below ~60% of a 256 px
@@ -112,8 +112,7 @@ class Encoded:
         """MCU rows [r0, r1) x columns [c0, c1) decoded at 1/denom (not cached: one view each)."""
         lay, (r0, r1, c0, c1) = self.layout(), window
         data = jpegregion.cut(self.data, lay, r0, r1, c0, c1)
-        w = -(-(min(c1 * lay.mcu_w, lay.width) - c0 * lay.mcu_w) // denom)
-        h = -(-(min(r1 * lay.mcu_h, lay.height) - r0 * lay.mcu_h) // denom)
+        w, h = (-(-side // denom) for side in lay.extent(r0, r1, c0, c1))  # libjpeg rounds scaled sizes up
         a = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False, min_width=w, min_height=h)
         if a.shape[:2] != (h, w):
             raise ValueError(f"JPEG cut {window} at 1/{denom}: decoded {a.shape[1]}x{a.shape[0]}, not {w}x{h}")
@@ -137,9 +136,6 @@ def _jpeg_view(src: Encoded, view: View, size: int, whole: bool) -> torch.Tensor
     return x.flip(-1) if view.flip else x
 
 
-GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-
-
 def _jitter_u8(x: torch.Tensor, view: View) -> torch.Tensor:
     """uint8 [3, S, S] -> uint8 [3, S, S]: views._jitter's colour ops (brightness, contrast,
     saturation, hue, in that order, each clamped) in one float32 buffer with scalar factors,
@@ -149,10 +145,10 @@ def _jitter_u8(x: torch.Tensor, view: View) -> torch.Tensor:
     if view.brightness != 1.0:
         y.mul_(view.brightness).clamp_(0.0, 255.0)
     if view.contrast != 1.0:
-        mean = float((y.mean(dim=(1, 2)) * torch.tensor(GREY)).sum())  # mean of the grey image
+        mean = float((y.mean(dim=(1, 2)) * torch.tensor(LUMA)).sum())  # mean of the grey image
         y.mul_(view.contrast).add_((1.0 - view.contrast) * mean).clamp_(0.0, 255.0)
     if view.saturation != 1.0:
-        grey = y[0] * GREY[0] + y[1] * GREY[1] + y[2] * GREY[2]  # [S, S]
+        grey = y[0] * LUMA[0] + y[1] * LUMA[1] + y[2] * LUMA[2]  # [S, S]
         y.mul_(view.saturation).add_(grey, alpha=1.0 - view.saturation).clamp_(0.0, 255.0)
     if view.hue != 0.0:  # rare (BEiT uses hue 0): torchvision's HSV round trip
         y = TF.adjust_hue(y.div_(255.0), view.hue).mul_(255.0)

@@ -42,7 +42,7 @@ import torchvision.transforms.functional as TF
 from pipeline.schema import ViewConfig
 
 # ITU-R 601 luma weights, the ones torchvision's rgb_to_grayscale uses.
-_LUMA = (0.2989, 0.587, 0.114)
+LUMA = (0.2989, 0.587, 0.114)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +167,7 @@ def _to_chw_float(image: torch.Tensor | np.ndarray) -> torch.Tensor:
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     """[B,3,S,S] -> [B,1,S,S]."""
     r, g, b = x.unbind(dim=1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
