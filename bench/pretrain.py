@@ -205,6 +205,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     size = 32 if scale == "fashion" else 224
     grid = (8, 8) if scale == "fashion" else (14, 14)
     masks = MaskGenerator(grid, MaskingConfig(kind="block", mask_ratio=0.4))
+    batched = MaskGenerator(grid, MaskingConfig(kind="block", mask_ratio=0.4, draw="batched"))
     n = (split.num_samples // batch) * batch  # both paths drop partial batches... per worker
     print(f"\nloader [{scale}]: {source}; {split.num_samples} images in {len(split.shards)} shards, "
           f"{size} px, batch {batch}, shuffle buffer {shuffle}, {views} stored views, block masks "
@@ -233,9 +234,9 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
             part = samples[i:min(i + chunk, n)]
             apply_views([decode_rgb(d) for d, _ in part], [v for _, v in part], size)
 
-    def loader(workers: int, cls=MIMDataset):
+    def loader(workers: int, cls=MIMDataset, gen=masks):
         cfg = LoaderConfig(num_workers=workers, shuffle_buffer=shuffle)
-        ds = cls(split, cfg, size, masks, seed=0)
+        ds = cls(split, cfg, size, gen, seed=0)
         it = batches(ds, batch, cfg.num_workers, epoch=0)
         next(it)  # worker start-up, shuffle-buffer fill, first batch: not counted
         t = time.perf_counter()
@@ -244,7 +245,8 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
 
     D, D2 = "d decode + augment", f"d' decode + augment, chunk {chunk}"
     C1, C0, L1 = "c loader 1 worker", "c loader in-process", "l legacy loader 1 worker"
-    rates: dict[str, list[float]] = {D: [], D2: [], C1: [], C0: []}
+    B1, B0 = "b loader 1 worker, batched masks", "b loader in-process, batched"
+    rates: dict[str, list[float]] = {D: [], D2: [], C1: [], C0: [], B1: [], B0: []}
     if legacy:
         rates[L1] = []
     Legacy = _legacy().LegacyMIMDataset if legacy else None
@@ -256,7 +258,8 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
         elif k == D2:
             rates[k].append(n / timed(decode_augment_chunked))
         else:
-            imgs, sec = loader(0 if k == C0 else 1, Legacy if k == L1 else MIMDataset)
+            imgs, sec = loader(0 if k in (C0, B0) else 1, Legacy if k == L1 else MIMDataset,
+                               batched if k in (B1, B0) else masks)
             rates[k].append(imgs / sec)
 
     names = list(rates)
@@ -285,6 +288,8 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     keys = [x["__key__"] for x in raw]
     mask_t = timed3(lambda: [masks(np.random.Generator(np.random.PCG64(stable_hash("mask", 0, 0, k))))
                              for k in keys])
+    ids = np.array([stable_hash("mask", 0, 0, k) for k in keys], dtype=np.uint64)
+    batched_t = timed3(lambda: [batched.keyed(ids[i:i + batch]) for i in range(0, m, batch)])
     ref = _legacy().ref_mask if legacy else None
     ref_mask_t = timed3(lambda: [ref(masks, np.random.default_rng(stable_hash("mask", 0, 0, k)))
                                  for k in keys]) if legacy else float("nan")
@@ -301,10 +306,12 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
                  ("tar read + attach_tokens", stream_t), ("make_samples (all)", make_t),
                  ("  of which decode+apply_views", dac_t), ("  (decode+apply_view 1 by 1)", da_t),
                  ("  of which block mask + rng", mask_t), ("  (the same, before)", ref_mask_t),
+                 (f"  (batched masks, {batch} a call)", batched_t),
                  ("  of which stable_hash (view)", hash_t), ("default_collate", coll_t)):
         print(f"    {k:<32}{t / m * 1e6:8.1f} us")
     return {f"{scale}: loader 1 worker / (d)": med[C1] / limit,
             f"{scale}: loader 1 worker / (d')": med[C1] / med[D2],
+            f"{scale}: loader 1 worker, batched masks / (d')": med[B1] / med[D2],
             **({f"{scale}: legacy 1 worker / (d)": med[L1] / limit} if legacy else {})}
 
 

@@ -43,6 +43,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.batchmask import block_masks, random_masks
 from pipeline.schema import KINDS, MaskingConfig
 
 
@@ -229,7 +230,8 @@ def _grow(rng, mask, k) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MaskGenerator:
-    """Config bound to a grid. `gen(rng)` -> bool [h, w]; `gen.batch(rng, b)` -> bool [b, h, w]."""
+    """Config bound to a grid. `gen(rng)` -> bool [h, w]; `gen.batch(rng, b)` -> bool [b, h, w];
+    `gen.keyed(ids)` -> bool [B, h, w], one mask per stream id (what the loader calls)."""
 
     grid: tuple[int, int]
     config: MaskingConfig = MaskingConfig()
@@ -264,3 +266,18 @@ class MaskGenerator:
     def batch(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """bool [size, h, w], one independent mask per sample."""
         return np.stack([self(rng) for _ in range(size)])
+
+    def keyed(self, streams: np.ndarray) -> np.ndarray:
+        """bool [B, h, w]: the mask of each uint64 [B] stream id (the loader hashes seed, epoch
+        and key into one), a pure function of that id alone, so a batch's masks do not depend
+        on how samples were grouped into batches or workers.
+
+        `config.draw` "per-sample": `self(Generator(PCG64(id)))` for each id; "batched": all at
+        once (pipeline/batchmask.py), the same distribution from a counter-based stream."""
+        if self.config.draw == "per-sample":
+            return np.stack([self(np.random.Generator(np.random.PCG64(int(s)))) for s in streams])
+        if self.config.kind == "random":
+            return random_masks(streams, self.grid, self.num_masked)
+        b = self.config.blocks
+        return block_masks(streams, self.grid, self.num_masked, min_block=self.min_block,
+                           max_block=b.max_block, min_aspect=b.min_aspect, tries=b.tries)

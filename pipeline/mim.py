@@ -133,10 +133,10 @@ class MIMDataset(torch.utils.data.IterableDataset):
             keys.append(key)
         return images, views, tokens, labels, keys
 
-    def _mask(self, key: str) -> np.ndarray:
-        # default_rng(s) is Generator(PCG64(s)); the direct form skips a dispatch.
-        rng = np.random.Generator(np.random.PCG64(stable_hash("mask", self.seed, self.epoch, key)))
-        return self.masks(rng).reshape(-1)  # bool [h*w]
+    def _masks(self, keys: list[str]) -> np.ndarray:
+        """bool [B, h*w]: each key's mask for this epoch, a function of (seed, epoch, key) only."""
+        ids = np.array([stable_hash("mask", self.seed, self.epoch, k) for k in keys], dtype=np.uint64)  # [B]
+        return self.masks.keyed(ids).reshape(len(keys), -1)  # [B, h, w] -> [B, h*w]
 
     def _render(self, images: list, views: list, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.cfg.transport == "uint8":
@@ -152,11 +152,12 @@ class MIMDataset(torch.utils.data.IterableDataset):
         per-call tensor set-up of the crop/flip/jitter ops is paid once per chunk."""
         images, views, tokens, labels, keys = self._gather(samples)
         x = self._render(images, views)
+        masks = self._masks(keys) if self.masks is not None else None  # bool [B, h*w]
         outs = []
-        for label, grid, image, key in zip(labels, tokens, x.unbind(0), keys):
+        for i, (label, grid, image) in enumerate(zip(labels, tokens, x.unbind(0))):
             out = {"label": label, "tokens": torch.from_numpy(grid.astype(np.int64)), "image": image}  # [h, w], [3, S, S]
-            if self.masks is not None:
-                out["mask"] = torch.from_numpy(self._mask(key))  # bool [h*w]
+            if masks is not None:
+                out["mask"] = torch.from_numpy(masks[i])  # bool [h*w]
             outs.append(out)
         return outs
 
@@ -171,7 +172,7 @@ class MIMDataset(torch.utils.data.IterableDataset):
         batch = {"label": torch.tensor(labels), "tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),
                  "image": self._render(images, views, out)}  # [B], [B, h, w]
         if self.masks is not None:
-            batch["mask"] = torch.from_numpy(np.stack([self._mask(k) for k in keys]))  # bool [B, h*w]
+            batch["mask"] = torch.from_numpy(self._masks(keys))  # bool [B, h*w]
         return batch
 
     def _tokens(self, samples: Iterator[dict]) -> Iterator[dict]:

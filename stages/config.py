@@ -190,6 +190,7 @@ class PretrainConfig:
     optim: OptimConfig = OptimConfig()
     loader: LoaderConfig = LoaderConfig()
     blocks: BlockShape = BlockShape()  # with top-level masking + mask_ratio: the mask generator
+    mask_draw: Literal["per-sample", "batched"] = "per-sample"  # pipeline/schema.py: MaskingConfig.draw
     drop_path: Optional[float] = None  # None: the model size's default
     eval_batches: int = 20  # held-out batches for the final masked-token accuracy
     attention: Literal["timm", "math", "sdpa", "flex"] = "timm"  # model/attention.py; timm: today's forward
@@ -381,7 +382,8 @@ class Params:
     @property
     def mask(self) -> MaskingConfig:
         """The mask generator's settings: the top-level knobs + `pretrain.blocks`."""
-        return MaskingConfig(kind=self.masking, mask_ratio=self.mask_ratio, blocks=self.pretrain.blocks)
+        return MaskingConfig(kind=self.masking, mask_ratio=self.mask_ratio, blocks=self.pretrain.blocks,
+                             draw=self.pretrain.mask_draw)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

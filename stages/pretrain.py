@@ -41,7 +41,7 @@ COLUMNS = ("step", "epoch", "lr", "loss", "acc", "grad_norm", "img_per_s")
 def run_fingerprint(params: Params, token_fps: dict) -> str:
     """Everything that changes the trajectory; not output paths or logging cadence."""
     cfg = params.pretrain
-    return json_fingerprint({"seed": params.seed, "mask": dataclasses.asdict(params.mask),
+    return json_fingerprint({"seed": params.seed, "mask": params.mask.trajectory(),
                              "target": params.target, "model": params.model,
                              "loop": cfg.loop.trajectory(), "optim": dataclasses.asdict(cfg.optim),
                              "loader": cfg.loader.trajectory(),

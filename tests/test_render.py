@@ -186,10 +186,10 @@ def jpeg_world(tmp_path_factory, request):
     return params, open_split(tmp / "shards/train", store_path(tmp / "tokens", "train", "zarr"))
 
 
-def jpeg_dataset(jpeg_world, workers=0, transport="float"):
+def jpeg_dataset(jpeg_world, workers=0, transport="float", draw="per-sample"):
     params, split = jpeg_world
     cfg = LoaderConfig(num_workers=workers, shuffle_buffer=20, transport=transport)
-    masks = MaskGenerator((8, 8), MaskingConfig(kind="block", mask_ratio=0.4))
+    masks = MaskGenerator((8, 8), MaskingConfig(kind="block", mask_ratio=0.4, draw=draw))
     return MIMDataset(split, cfg, 32, masks, params.seed), cfg
 
 
@@ -226,10 +226,10 @@ def sample_digests(data, workers: int) -> list[str]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("transport", ["float", "uint8"])
-def test_loader_batches_bit_identical_between_0_and_2_workers(jpeg_world, transport):
-    data0, _ = jpeg_dataset(jpeg_world, 0, transport)
-    data2, _ = jpeg_dataset(jpeg_world, 2, transport)
+@pytest.mark.parametrize("transport,draw", [("float", "per-sample"), ("uint8", "per-sample"), ("float", "batched")])
+def test_loader_batches_bit_identical_between_0_and_2_workers(jpeg_world, transport, draw):
+    data0, _ = jpeg_dataset(jpeg_world, 0, transport, draw)
+    data2, _ = jpeg_dataset(jpeg_world, 2, transport, draw)
     # 4 shards of 15: each worker drops its own partial batch, so both see all 60
     assert sample_digests(data0, 0) == sample_digests(data2, 2) and len(sample_digests(data0, 0)) == 60
     if transport == "uint8":
