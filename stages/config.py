@@ -289,6 +289,9 @@ class ReportConfig:
     """`beit report`: this run's metrics beside the paper's, plus the DVC experiments table."""
 
     experiments: bool = True  # add the `dvc exp show --json` ablation table (skipped with a note if dvc fails)
+    # Recorded experiment rows (stages/ledger.py), read beside the live ones; `beit report --record`
+    # writes the live ones in. None: no ledger.
+    ledger: Optional[str] = "reports/experiments.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)

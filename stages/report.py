@@ -11,6 +11,7 @@ the tests need neither dvc nor trained models.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from pipeline.atomic import atomic_file, atomic_write
 from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, summary, variant_of
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
+from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
 from stages.vis_report import visualize_section
 from stages.seg_report import segmentation_section
 
@@ -306,11 +308,17 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
             delta = (r["finetune_top1"] - r["scratch_top1"]
                      if r["finetune_top1"] is not None and r["scratch_top1"] is not None else None)
             label = {"workspace": "workspace", "baseline": f"{r['name']} (baseline)"}.get(r["kind"], r["name"])
+            if r.get("from_ledger"):
+                label += f" (recorded {r.get('recorded', '?')}, on {r.get('baseline') or '?'})"
             body.append([label, r["rev"], *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
                          _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
                          _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
         lines += _table(head, body)
-        lines += ["", f"{len(exps)} experiment(s) from `dvc exp show --json`; the paper's ablation "
+        recorded = sum(bool(r.get("from_ledger")) for r in exps)
+        source = (f"{len(exps) - recorded} from `dvc exp show --json`, {recorded} recorded in the ledger "
+                  "(`report.ledger`: runs whose DVC refs are not in this clone, each marked with its "
+                  "date and baseline commit)" if recorded else "from `dvc exp show --json`")
+        lines += ["", f"{len(exps)} experiment(s), {source}; the paper's ablation "
                       "above is the reference for the direction of each change."]
         lines += claims_section(experiments or [])
     lines += segmentation_section(experiments or [], metrics.get("segment"))
@@ -419,8 +427,9 @@ def context_of(params: Params) -> dict:
 
 
 def report(params: Params, exp_json: Optional[list] = None, experiments: Optional[bool] = None,
-           root: str | Path = ".") -> dict:
-    """Write outputs.report (Markdown + figure); `exp_json` replaces running `dvc exp show --json`."""
+           root: str | Path = ".", record_as: Optional[str] = None) -> dict:
+    """Write outputs.report (Markdown + figure); `exp_json` replaces running `dvc exp show --json`.
+    `record_as` (a date): first write the live experiments into the ledger (stages/ledger.py)."""
     cfg, paths = params.report, params.outputs.report
     sources = metric_sources(params)
     metrics = load_metrics(sources, root)
@@ -434,6 +443,14 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
             note = "`dvc exp show --json` returned nothing usable."
     else:
         note = "Experiments table disabled (report.experiments: false / --no-experiments)."
+    ledger_path = Path(root) / cfg.ledger if cfg.ledger else None
+    ledger = read_ledger(ledger_path)
+    if record_as is not None:
+        if ledger_path is None:
+            raise ValueError("report.ledger is null: set a path to record experiments")
+        ledger = record_rows(ledger, rows or [], record_as)
+        write_ledger(ledger_path, ledger)
+    rows = with_ledger(rows, ledger)
     if rows is not None and not any(r["kind"] == "experiment" for r in rows) and not note:
         note = ("No DVC experiments yet: try `dvc exp run -S masking=random`, `-S target=pixels`, "
                 "`-S mask_ratio=0.3`, then `beit report`.")
@@ -457,12 +474,15 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
               help="Include the `dvc exp show --json` table [default: report.experiments].")
 @click.option("--exp-json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Use this saved `dvc exp show --json` output instead of running dvc.")
+@click.option("--record", is_flag=True,
+              help="Write the live experiments into report.ledger (commit it: a fresh clone has no DVC refs).")
 @one_line_errors
-def cli(params_path: str, experiments: Optional[bool], exp_json: Optional[str]) -> None:
+def cli(params_path: str, experiments: Optional[bool], exp_json: Optional[str], record: bool) -> None:
     """Write reports/results.md + results.png: this run's metrics beside the paper's."""
     params = load_params(params_path)
     raw = json.loads(Path(exp_json).read_text()) if exp_json else None
-    summary = report(params, raw, experiments)
+    today = datetime.date.today().isoformat() if record else None
+    summary = report(params, raw, experiments, record_as=today)
     click.echo(json.dumps(summary, sort_keys=True))
 
 
