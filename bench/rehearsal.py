@@ -210,18 +210,23 @@ class RSS:
         except AttributeError:  # no PSS on this OS
             return p.memory_info().rss
 
-    def _rss(self) -> int:
+    def _rss(self) -> Optional[int]:
+        """The sum, or None when a child could not be read (a worker starting or exiting): a
+        partial sum would read as growth. The likely cause of a +122% max/min in a run whose
+        marks rose only 1216 -> 1302 MiB (2026-12-02, photo-sized run 1)."""
         total = self._one(self.proc)
         for c in self.proc.children(recursive=True):
             try:
                 total += self._one(c)
-            except Exception:  # a worker that just exited
-                pass
+            except Exception:  # noqa: BLE001  (psutil: NoSuchProcess, AccessDenied, ...)
+                return None
         return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((self.frac, self._rss()))
+            r = self._rss()
+            if r is not None:
+                self.samples.append((self.frac, r))
             time.sleep(self.every)
 
     def __enter__(self):

@@ -138,7 +138,7 @@ class MaskingConfig:
     # How a batch's masks are drawn (pipeline/masking.py: MaskGenerator.keyed): "per-sample",
     # one numpy Generator per key (the default's committed numbers were trained with these
     # masks); "batched", all of a batch at once from a counter-based stream per key
-    # (pipeline/batchmask.py): the same algorithm and distribution, other draws, ~5x faster.
+    # (pipeline/batchmask.py): the same algorithm and distribution, other draws, 4-5x faster (bench/masking.py).
     draw: Literal["per-sample", "batched"] = "per-sample"
 
     def __post_init__(self) -> None:
