@@ -206,6 +206,7 @@ def parse_exp_show(raw: Any, sources: dict[str, Optional[str]]) -> list[dict]:
                 continue
             row = _exp_row(revs[0], "experiment", exp.get("name") or revs[0].get("name"), base_name, sources)
             if row is not None:
+                row["baseline_rev"] = str(top.get("rev") or "")[:7]  # the commit (base_name may be a branch)
                 rows.append(row)
     return rows
 
@@ -309,7 +310,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
                      if r["finetune_top1"] is not None and r["scratch_top1"] is not None else None)
             label = {"workspace": "workspace", "baseline": f"{r['name']} (baseline)"}.get(r["kind"], r["name"])
             if r.get("from_ledger"):
-                label += f" (recorded {r.get('recorded', '?')}, on {r.get('baseline') or '?'})"
+                label += f" (recorded {r.get('recorded', '?')}, on {r.get('baseline_rev') or r.get('baseline') or '?'})"
             body.append([label, r["rev"], *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
                          _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
                          _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
