@@ -18,6 +18,17 @@ KINDS = ("block", "random")
 DRAWS = ("per-sample", "batched")
 
 
+def fingerprint_fields(config: object, **added: object) -> dict:
+    """`dataclasses.asdict(config)` without the fields added later that still hold the value
+    they were added with (`added`: name -> that value), so a run fingerprinted before a field
+    existed keeps its fingerprint while the field stays at its old behaviour."""
+    d = dataclasses.asdict(config)
+    for name, value in added.items():
+        if d[name] == value:
+            del d[name]
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodeConfig:
     """What `beit shard` does to an image; everything besides the entries that changes the stored bytes."""
@@ -33,10 +44,7 @@ class EncodeConfig:
     def fingerprint(self) -> dict:
         """The settings in each shard's fingerprint. Fields added after the first release appear
         only when set, so shards written before them stay valid (and keep their fingerprints)."""
-        out = dataclasses.asdict(self)
-        if not self.restart_markers:
-            del out["restart_markers"]
-        return out
+        return fingerprint_fields(self, restart_markers=False)
 
     def __post_init__(self) -> None:
         if self.resize_short is not None and self.resize_short < 1:
@@ -150,12 +158,8 @@ class MaskingConfig:
             raise ValueError(f"mask_draw={self.draw!r}: must be one of {', '.join(DRAWS)}")
 
     def trajectory(self) -> dict:
-        """The fields for run fingerprints; `draw` only when not the default, so runs
-        fingerprinted before it existed keep their fingerprint."""
-        d = dataclasses.asdict(self)
-        if d["draw"] == "per-sample":
-            del d["draw"]
-        return d
+        """The fields for run fingerprints (`draw` only when not the default)."""
+        return fingerprint_fields(self, draw="per-sample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,12 +182,8 @@ class LoaderConfig:
                              f"shuffle_buffer={self.shuffle_buffer} >= 1")
 
     def trajectory(self) -> dict:
-        """The fields for run fingerprints; `transport` only when not the default, so runs
-        fingerprinted before it existed keep their fingerprint."""
-        d = dataclasses.asdict(self)
-        if d["transport"] == "float":
-            del d["transport"]
-        return d
+        """The fields for run fingerprints (`transport` only when not the default)."""
+        return fingerprint_fields(self, transport="float")
 
 
 @dataclasses.dataclass(frozen=True)
