@@ -170,8 +170,8 @@ class MIMDataset(torch.utils.data.IterableDataset):
         dtype = torch.uint8 if self.cfg.transport == "uint8" else torch.float32
         out = _empty((len(samples), 3, self.image_size, self.image_size), dtype)  # [B, 3, S, S]
         # Every tensor is made in shared memory (inside a worker): one the pickler has to move
-        # there costs a copy and a new segment per batch (measured at 28 px: ~26 us/img of
-        # worker overhead with only the images in shared memory).
+        # there costs a copy and a new segment per batch. Measured at 28 px the gain is within
+        # noise (bench/README.md, "Batched masks"); the ~30 us/img worker overhead is elsewhere.
         b = len(samples)
         grid = tokens[0].shape
         batch = {"label": _filled((b,), torch.int64, labels),

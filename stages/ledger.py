@@ -9,7 +9,8 @@ beside the live experiments. A recorded row says when it was recorded and on whi
 baseline commit it ran; the report's table marks it, so nothing recorded passes for a run
 of the code at hand.
 
-Pure functions over rows; `stages/report.py` does the I/O.
+`record_rows` and `with_ledger` are pure functions over rows; `read_ledger` / `write_ledger`
+are the file's only readers and writers.
 """
 from __future__ import annotations
 
