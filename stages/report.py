@@ -29,6 +29,7 @@ from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
 from stages.vis_report import visualize_section
+from stages.recipe import recipe_of
 from stages.seg_report import segmentation_section
 
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
@@ -159,6 +160,7 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
            "rev": rev if rev == "workspace" else rev[:7], "kind": kind, "baseline": baseline,
            "error": bool(entry.get("error"))}
     row.update({k: params.get(k) for k in EXP_PARAMS})
+    row["recipe"] = recipe_of(params)  # rows are pooled only within one recipe (stages/recipe.py)
     row["finetune_top1"] = _metric_of(data, sources.get("finetune"), "top1")
     # scratch reads none of masking / target / mask_ratio (its DVC params): a pretraining
     # variant's row could only repeat the default run of its seed, or, after a targeted
@@ -208,7 +210,18 @@ def parse_exp_show(raw: Any, sources: dict[str, Optional[str]]) -> list[dict]:
             if row is not None:
                 row["baseline_rev"] = str(top.get("rev") or "")[:7]  # the commit (base_name may be a branch)
                 rows.append(row)
-    return rows
+    return _without_clean_workspace(rows)
+
+
+def _without_clean_workspace(rows: list[dict]) -> list[dict]:
+    """`dvc exp show` always lists the workspace; when its params and metrics equal a
+    baseline commit's (a `dvc repro` that reproduced HEAD, or nothing run since), the row
+    is a copy of that baseline and would count twice in the table."""
+    def same(a: dict, b: dict) -> bool:
+        return {k: v for k, v in a.items() if k not in ("name", "rev", "kind")} == \
+               {k: v for k, v in b.items() if k not in ("name", "rev", "kind")}
+    bases = [r for r in rows if r["kind"] == "baseline"]
+    return [r for r in rows if r["kind"] != "workspace" or not any(same(r, b) for b in bases)]
 
 
 def run_dvc_exp_show(timeout: float = 300.0) -> tuple[Optional[list], str]:
@@ -255,8 +268,10 @@ def scale_caption(context: dict) -> str:
 
 
 def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: dict[str, Optional[dict]],
-                    experiments: Optional[list[dict]], exp_note: str, figure: Optional[str] = None) -> str:
-    """The whole report; `experiments` None or without experiment rows -> `exp_note` instead of a table."""
+                    experiments: Optional[list[dict]], exp_note: str, figure: Optional[str] = None,
+                    recipe: Optional[str] = None) -> str:
+    """The whole report; `experiments` None or without experiment rows -> `exp_note` instead of a table.
+    Every row is listed; only the rows of `recipe` (the params at hand) are pooled and judged."""
     lines = ["# BEiT pipeline results", ""]
     lines.append("Run: " + ", ".join(f"{k}={_fmt(context.get(k))}" for k in
                                      ("model", "source", "image_size", "mask_ratio", "masking", "target",
@@ -302,7 +317,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
         lines.append(exp_note or "No DVC experiments yet: try `dvc exp run -S masking=random`, "
                                  "`-S target=pixels`, `-S mask_ratio=0.3`, then `beit report`.")
     else:
-        head = ["experiment", "rev", *EXP_PARAMS, "finetune top-1 (%)", "scratch top-1 (%)",
+        head = ["experiment", "rev", "recipe", *EXP_PARAMS, "finetune top-1 (%)", "scratch top-1 (%)",
                 "finetune − scratch", "linear probe (%)", "kNN (%)", "masked-token acc (%)"]
         body = []
         for r in experiments or []:
@@ -311,7 +326,8 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
             label = {"workspace": "workspace", "baseline": f"{r['name']} (baseline)"}.get(r["kind"], r["name"])
             if r.get("from_ledger"):
                 label += f" (recorded {r.get('recorded', '?')}, on {r.get('baseline_rev') or r.get('baseline') or '?'})"
-            body.append([label, r["rev"], *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
+            mark = r.get("recipe") or "?"
+            body.append([label, r["rev"], f"**{mark}**" if mark == recipe else mark, *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
                          _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
                          _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
         lines += _table(head, body)
@@ -321,8 +337,9 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
                   "date and baseline commit)" if recorded else "from `dvc exp show --json`")
         lines += ["", f"{len(exps)} experiment(s), {source}; the paper's ablation "
                       "above is the reference for the direction of each change."]
-        lines += claims_section(experiments or [])
-    lines += segmentation_section(experiments or [], metrics.get("segment"))
+        lines += recipe_note(experiments or [], recipe)
+        lines += claims_section(same_recipe(experiments, recipe))
+    lines += segmentation_section(same_recipe(experiments, recipe), metrics.get("segment"))
     return "\n".join(lines) + "\n"
 
 
@@ -330,6 +347,22 @@ def _mean_sd(d: dict) -> str:
     if d["mean"] is None:
         return "—"
     return f"{d['mean']:.2f}" if d["sd"] is None else f"{d['mean']:.2f} ± {d['sd']:.2f}"
+
+
+def same_recipe(rows: Optional[list[dict]], recipe: Optional[str]) -> list[dict]:
+    """The rows that may be pooled with this run: its recipe, or every row when the recipe is
+    unknown (a params file the report could not fingerprint)."""
+    return [r for r in rows or [] if recipe is None or r.get("recipe") == recipe]
+
+
+def recipe_note(rows: list[dict], recipe: Optional[str]) -> list[str]:
+    others = sorted({str(r.get("recipe") or "?") for r in rows if r.get("recipe") != recipe})
+    if recipe is None or not others:
+        return []
+    n = sum(r.get("recipe") != recipe for r in rows)
+    return ["", f"Recipe **{recipe}** is this run's params (`stages/recipe.py`: every param but the seed, "
+                f"the ablation knobs and `segment.init`). The {n} row(s) of recipe {', '.join(others)} ran "
+                "another recipe: they stay listed above and are left out of every mean, verdict and chart below."]
 
 
 def claims_section(rows: list[dict]) -> list[str]:
@@ -456,13 +489,13 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
         note = ("No DVC experiments yet: try `dvc exp run -S masking=random`, `-S target=pixels`, "
                 "`-S mask_ratio=0.3`, then `beit report`.")
     out, fig = Path(root) / paths.markdown, Path(root) / paths.figure
-    context = context_of(params)
-    plot_results(metrics, rows, fig, context)
+    context, recipe = context_of(params), recipe_of(params)
+    plot_results(metrics, None if rows is None else same_recipe(rows, recipe), fig, context)
     text = render_markdown(context, sources, metrics, rows, note,
-                           figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"))
+                           figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"), recipe=recipe)
     vis = params.outputs.visualize
     text += "\n".join(visualize_section(metrics.get("visualize"), vis, out.parent, root,
-                                         rows or [])) + "\n"
+                                         same_recipe(rows, recipe))) + "\n"
     atomic_write(out, text)
     return {"report": paths.markdown, "figure": paths.figure,
             "metrics_found": sorted(n for n, d in metrics.items() if d is not None),

@@ -26,8 +26,22 @@ def params():
     return load_params(REPO / "params.yaml")
 
 
-def exp_sample(name="dvc_exp_show.json"):
-    return json.loads((DATA / name).read_text())
+def exp_sample(name="dvc_exp_show.json", repo_params=True):
+    """The recording; with `repo_params`, each run's params tree is this repo's params.yaml
+    with the run's own knobs (the recording's scratch repo had a toy params file, which
+    stages/recipe.py cannot fingerprint, so no row would share the report's recipe)."""
+    raw = json.loads((DATA / name).read_text())
+    if repo_params:
+        base = yaml.safe_load((REPO / "params.yaml").read_text())
+        entries = [top for top in raw] + [rev for top in raw for exp in top.get("experiments") or []
+                                          for rev in exp.get("revs") or []]
+        for entry in entries:
+            files = (entry.get("data") or {}).get("params") or {}
+            if "params.yaml" in files:
+                own = files["params.yaml"]["data"]
+                files["params.yaml"]["data"] = {**json.loads(json.dumps(base)),
+                                                **{k: own[k] for k in rep.EXP_PARAMS if k in own}}
+    return raw
 
 
 def write_metrics(root: Path, params,
@@ -67,8 +81,8 @@ def test_parse_recorded_exp_show(params):
     got = [g[:-1] + (None if g[-1] is None else round(g[-1], 2),) for g in
            [(r["kind"], r["name"], r["rev"], r["mask_ratio"], r["masking"], r["target"], r["seed"],
              round(r["finetune_top1"], 2), r["scratch_top1"]) for r in rows]]
+    # the workspace equals the baseline commit here (a reproduced HEAD): listed once, as the baseline
     assert got == [
-        ("workspace", "workspace", "workspace", 0.4, "block", "tokens", 0, 80.0, 70.0),
         ("baseline", "master", "0832c60", 0.4, "block", "tokens", 0, 80.0, 70.0),
         ("experiment", "elfin-duff", "e952797", 0.4, "random", "pixels", 0, 73.0, None),
         ("experiment", "gusty-tang", "74d8f79", 0.4, "block", "pixels", 0, 75.0, None),
@@ -77,12 +91,20 @@ def test_parse_recorded_exp_show(params):
     ]
     assert all(r["baseline"] == "master" for r in rows if r["kind"] == "experiment")
     # frozen-feature columns: this recording has pretrain metrics but no probe/kNN files
-    assert rows[2]["mim_acc"] == pytest.approx(20.0) and rows[2]["linear_probe_top1"] is None
+    assert rows[1]["mim_acc"] == pytest.approx(20.0) and rows[1]["linear_probe_top1"] is None
+
+
+def test_parse_keeps_a_workspace_that_differs(params):
+    raw = exp_sample()
+    assert raw[0]["rev"] == "workspace"
+    raw[0]["data"]["params"]["params.yaml"]["data"]["mask_ratio"] = 0.3  # an uncommitted change
+    rows = rep.parse_exp_show(raw, rep.metric_sources(params))
+    assert [(r["kind"], r["mask_ratio"]) for r in rows[:2]] == [("workspace", 0.3), ("baseline", 0.4)]
 
 
 def test_parse_without_experiments(params):
     rows = rep.parse_exp_show(exp_sample("dvc_exp_show_no_exps.json"), rep.metric_sources(params))
-    assert [r["kind"] for r in rows] == ["workspace", "baseline"]
+    assert [r["kind"] for r in rows] == ["baseline"]
 
 
 @pytest.mark.parametrize("raw", [None, {}, "x", [1, None, {"rev": "abc"}], [{"rev": "r", "data": None,
@@ -96,11 +118,13 @@ def test_parse_missing_metric_and_params_give_none(params):
     exp = raw[1]["experiments"][0]["revs"][0]["data"]
     del exp["metrics"]["metrics/scratch.json"]
     exp["params"]["params.yaml"]["data"].pop("seed")
-    rows = rep.parse_exp_show(raw, rep.metric_sources(params))
-    assert rows[2]["scratch_top1"] is None and rows[2]["seed"] is None and rows[2]["finetune_top1"] == 73.0
+    rows = {r["name"]: r for r in rep.parse_exp_show(raw, rep.metric_sources(params))}
+    exp = rows["elfin-duff"]
+    assert exp["scratch_top1"] is None and exp["seed"] is None and exp["finetune_top1"] == 73.0
     base = raw[1]["data"]
     del base["metrics"]["metrics/scratch.json"]
-    assert rep.parse_exp_show(raw, rep.metric_sources(params))[1]["scratch_top1"] is None  # default row, file gone
+    rows = {r["name"]: r for r in rep.parse_exp_show(raw, rep.metric_sources(params))}
+    assert rows["master"]["scratch_top1"] is None  # default row, file gone
 
 
 # ---- the report on fake metric files ----------------------------------------------------------
@@ -133,12 +157,31 @@ def test_report_all_metrics(tmp_path, params):
     assert table_row(md, "BEiT-B (800 ep pretraining)") == ["BEiT-B (800 ep pretraining)", "83.2"]
     assert table_row(md, "DeiT-B from scratch") == ["DeiT-B from scratch", "81.8"]
     assert [table_row(md, v)[3] for v, *_ in rep.PAPER_ABLATION] == ["82.86", "82.77", "81.04", "80.50"]
-    assert table_row(md, "elfin-duff") == ["elfin-duff", "e952797", "0.40", "random", "pixels", "0",
+    recipe = rep.recipe_of(params)
+    assert table_row(md, "elfin-duff") == ["elfin-duff", "e952797", f"**{recipe}**", "0.40", "random", "pixels", "0",
                                            "73.00", "—", "—", "—", "—", "20.00"]  # scratch: the default row's
-    assert table_row(md, "master (baseline)")[6] == "80.00"
-    assert table_row(md, "laced-adze")[2] == "0.30"
+    assert table_row(md, "master (baseline)")[7] == "80.00"
+    assert table_row(md, "laced-adze")[3] == "0.30"
     assert "![results](results.png)" in md
     assert "Missing" not in md
+    assert "ran another recipe" not in md  # every row is this run's recipe
+
+
+def test_rows_of_another_recipe_are_listed_but_not_pooled(tmp_path, params):
+    """A recipe change (here the fine-tuning views) must not average old runs with new ones."""
+    write_metrics(tmp_path, params)
+    raw = exp_sample()
+    for exp in raw[1]["experiments"]:
+        for rev in exp["revs"]:
+            if rev["data"]["params"]["params.yaml"]["data"]["masking"] == "random":
+                rev["data"]["params"]["params.yaml"]["data"]["finetune"]["views"]["scale"] = [1.0, 1.0]
+    rep.report(params, exp_json=raw, root=tmp_path)
+    md = (tmp_path / params.outputs.report.markdown).read_text()
+    other = table_row(md, "elfin-duff")[2]
+    assert other != f"**{rep.recipe_of(params)}**" and re.fullmatch(r"[0-9a-f]{8}", other)
+    assert f"row(s) of recipe {other} ran another recipe" in md
+    pooled = rep.same_recipe(rep.parse_exp_show(raw, rep.metric_sources(params)), rep.recipe_of(params))
+    assert pooled and all(r["masking"] == "block" for r in pooled)
 
 
 def test_report_some_missing(tmp_path, params):
