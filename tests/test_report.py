@@ -174,7 +174,7 @@ def test_rows_of_another_recipe_are_listed_but_not_pooled(tmp_path, params):
     for exp in raw[1]["experiments"]:
         for rev in exp["revs"]:
             if rev["data"]["params"]["params.yaml"]["data"]["masking"] == "random":
-                rev["data"]["params"]["params.yaml"]["data"]["finetune"]["views"]["scale"] = [1.0, 1.0]
+                rev["data"]["params"]["params.yaml"]["data"]["finetune"]["views"]["scale"] = [0.6, 1.0]
     rep.report(params, exp_json=raw, root=tmp_path)
     md = (tmp_path / params.outputs.report.markdown).read_text()
     other = table_row(md, "elfin-duff")[2]
