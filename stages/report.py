@@ -28,9 +28,9 @@ from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_v
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
-from stages.vis_report import visualize_section
 from stages.recipe import recipe_of
 from stages.seg_report import segmentation_section
+from stages.vis_report import visualize_section
 
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
 
@@ -327,7 +327,8 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
             if r.get("from_ledger"):
                 label += f" (recorded {r.get('recorded', '?')}, on {r.get('baseline_rev') or r.get('baseline') or '?'})"
             mark = r.get("recipe") or "?"
-            body.append([label, r["rev"], f"**{mark}**" if mark == recipe else mark, *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
+            mark = f"**{mark}**" if mark == recipe else mark
+            body.append([label, r["rev"], mark, *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
                          _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
                          _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
         lines += _table(head, body)

@@ -5,6 +5,7 @@ tests/data/dvc_exp_show*.json were recorded with dvc 3.67.1 in a scratch DVC rep
 metrics/finetune.json + metrics/scratch.json + metrics/pretrain.json, then
 `dvc exp run -S ...` four times), so the parser is tested on dvc's real format.
 """
+import copy
 import json
 import re
 from pathlib import Path
@@ -39,7 +40,7 @@ def exp_sample(name="dvc_exp_show.json", repo_params=True):
             files = (entry.get("data") or {}).get("params") or {}
             if "params.yaml" in files:
                 own = files["params.yaml"]["data"]
-                files["params.yaml"]["data"] = {**json.loads(json.dumps(base)),
+                files["params.yaml"]["data"] = {**copy.deepcopy(base),
                                                 **{k: own[k] for k in rep.EXP_PARAMS if k in own}}
     return raw
 
