@@ -22,17 +22,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
+import yaml
 
 from pipeline.atomic import atomic_file, atomic_write
 from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, summary, variant_of
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
-from stages.recipe import recipe_of
+from stages.recipe import metric_params, recipe_of, recipes_of, stage_graph
 from stages.seg_report import segmentation_section
 from stages.vis_report import visualize_section
 
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
+# row field -> the metric (params.outputs name) whose per-metric recipe decides whether it pools
+METRIC_FIELDS = {"finetune_top1": "finetune", "scratch_top1": "scratch", "linear_probe_top1": "linear_probe",
+                 "linear_probe_pixels": "linear_probe", "knn_top1": "knn", "knn_pixels": "knn",
+                 "mim_acc": "pretrain", "segment_miou": "segment", "attention_pretrain": "visualize",
+                 "attention_random": "visualize", "attention_finetune": "visualize"}
 
 
 def metric_sources(params: Any) -> dict[str, Optional[str]]:
@@ -150,7 +156,7 @@ def _metric_of(data: dict, path: Optional[str], key: str) -> Optional[float]:
 
 
 def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str],
-             sources: dict[str, Optional[str]]) -> Optional[dict]:
+             sources: dict[str, Optional[str]], keys: Optional[dict[str, set[str]]] = None) -> Optional[dict]:
     data = entry.get("data") if isinstance(entry, dict) else None
     if not isinstance(data, dict):
         return None
@@ -161,6 +167,7 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
            "error": bool(entry.get("error"))}
     row.update({k: params.get(k) for k in EXP_PARAMS})
     row["recipe"] = recipe_of(params)  # rows are pooled only within one recipe (stages/recipe.py)
+    row["recipes"] = recipes_of(params, keys) if keys else None  # ... or, per metric, its upstream params
     row["finetune_top1"] = _metric_of(data, sources.get("finetune"), "top1")
     # scratch reads none of masking / target / mask_ratio (its DVC params): a pretraining
     # variant's row could only repeat the default run of its seed, or, after a targeted
@@ -184,7 +191,8 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
     return row
 
 
-def parse_exp_show(raw: Any, sources: dict[str, Optional[str]]) -> list[dict]:
+def parse_exp_show(raw: Any, sources: dict[str, Optional[str]],
+                   keys: Optional[dict[str, set[str]]] = None) -> list[dict]:
     """Rows (workspace, baseline commits, their experiments) from `dvc exp show --json` (dvc 3.x).
 
     Tolerates missing/None fields and entries without data (failed or queued
@@ -196,7 +204,7 @@ def parse_exp_show(raw: Any, sources: dict[str, Optional[str]]) -> list[dict]:
         if not isinstance(top, dict):
             continue
         is_ws = top.get("rev") == "workspace"
-        base = _exp_row(top, "workspace" if is_ws else "baseline", None, None, sources)
+        base = _exp_row(top, "workspace" if is_ws else "baseline", None, None, sources, keys)
         if base is not None:
             rows.append(base)
         base_name = top.get("name") or str(top.get("rev") or "")[:7]
@@ -206,7 +214,7 @@ def parse_exp_show(raw: Any, sources: dict[str, Optional[str]]) -> list[dict]:
             revs = [r for r in exp.get("revs") or [] if isinstance(r, dict)]
             if not revs:
                 continue
-            row = _exp_row(revs[0], "experiment", exp.get("name") or revs[0].get("name"), base_name, sources)
+            row = _exp_row(revs[0], "experiment", exp.get("name") or revs[0].get("name"), base_name, sources, keys)
             if row is not None:
                 row["baseline_rev"] = str(top.get("rev") or "")[:7]  # the commit (base_name may be a branch)
                 rows.append(row)
@@ -269,9 +277,10 @@ def scale_caption(context: dict) -> str:
 
 def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: dict[str, Optional[dict]],
                     experiments: Optional[list[dict]], exp_note: str, figure: Optional[str] = None,
-                    recipe: Optional[str] = None) -> str:
+                    recipe: Optional[str] = None, recipes: Optional[dict[str, str]] = None) -> str:
     """The whole report; `experiments` None or without experiment rows -> `exp_note` instead of a table.
-    Every row is listed; only the rows of `recipe` (the params at hand) are pooled and judged."""
+    Every row is listed; only the rows of `recipe` (the params at hand), and of other rows the
+    metrics whose per-metric recipe is in `recipes`, are pooled and judged."""
     lines = ["# BEiT pipeline results", ""]
     lines.append("Run: " + ", ".join(f"{k}={_fmt(context.get(k))}" for k in
                                      ("model", "source", "image_size", "mask_ratio", "masking", "target",
@@ -317,7 +326,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
         lines.append(exp_note or "No DVC experiments yet: try `dvc exp run -S masking=random`, "
                                  "`-S target=pixels`, `-S mask_ratio=0.3`, then `beit report`.")
     else:
-        head = ["experiment", "rev", "recipe", *EXP_PARAMS, "finetune top-1 (%)", "scratch top-1 (%)",
+        head = ["experiment", "rev", "recipe", "pooled", *EXP_PARAMS, "finetune top-1 (%)", "scratch top-1 (%)",
                 "finetune − scratch", "linear probe (%)", "kNN (%)", "masked-token acc (%)"]
         body = []
         for r in experiments or []:
@@ -328,7 +337,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
                 label += f" (recorded {r.get('recorded', '?')}, on {r.get('baseline_rev') or r.get('baseline') or '?'})"
             mark = r.get("recipe") or "?"
             mark = f"**{mark}**" if mark == recipe else mark
-            body.append([label, r["rev"], mark, *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
+            body.append([label, r["rev"], mark, _pooled_label(r, recipe, recipes), *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
                          _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
                          _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
         lines += _table(head, body)
@@ -339,8 +348,8 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
         lines += ["", f"{len(exps)} experiment(s), {source}; the paper's ablation "
                       "above is the reference for the direction of each change."]
         lines += recipe_note(experiments or [], recipe)
-        lines += claims_section(same_recipe(experiments, recipe))
-    lines += segmentation_section(same_recipe(experiments, recipe), metrics.get("segment"))
+        lines += claims_section(same_recipe(experiments, recipe, recipes))
+    lines += segmentation_section(same_recipe(experiments, recipe, recipes), metrics.get("segment"))
     return "\n".join(lines) + "\n"
 
 
@@ -350,10 +359,38 @@ def _mean_sd(d: dict) -> str:
     return f"{d['mean']:.2f}" if d["sd"] is None else f"{d['mean']:.2f} ± {d['sd']:.2f}"
 
 
-def same_recipe(rows: Optional[list[dict]], recipe: Optional[str]) -> list[dict]:
-    """The rows that may be pooled with this run: its recipe, or every row when the recipe is
-    unknown (a params file the report could not fingerprint)."""
-    return [r for r in rows or [] if recipe is None or r.get("recipe") == recipe]
+def pooled_fields(row: dict, recipe: Optional[str], recipes: Optional[dict[str, str]]) -> Optional[set[str]]:
+    """The row's metric fields that may be pooled with this run: all when the whole recipe is
+    this run's (or unknown), else those whose per-metric recipe is this run's; None: all."""
+    if recipe is None or row.get("recipe") == recipe:
+        return None
+    theirs = row.get("recipes") or {}
+    return {f for f, m in METRIC_FIELDS.items() if recipes and theirs.get(m) is not None
+            and theirs.get(m) == recipes.get(m)}
+
+
+def same_recipe(rows: Optional[list[dict]], recipe: Optional[str],
+                recipes: Optional[dict[str, str]] = None) -> list[dict]:
+    """The rows that may be pooled with this run: its recipe (every row when the recipe is
+    unknown), and rows of another recipe with only the metrics whose own recipe is this run's
+    (stages/recipe.py `recipes_of`) left in, the others blanked, after them."""
+    whole, partial = [], []
+    for r in rows or []:
+        keep = pooled_fields(r, recipe, recipes)
+        if keep is None:
+            whole.append(r)
+        elif any(r.get(f) is not None for f in keep):
+            partial.append({**r, **{f: None for f in METRIC_FIELDS if f not in keep}})
+    # whole-recipe rows first: the first row of a (variant, seed) is the one judged (claims.by_variant)
+    return whole + partial
+
+
+def _pooled_label(row: dict, recipe: Optional[str], recipes: Optional[dict[str, str]]) -> str:
+    keep = pooled_fields(row, recipe, recipes)
+    if keep is None:
+        return "all"
+    names = sorted({METRIC_FIELDS[f] for f in keep if row.get(f) is not None})
+    return ", ".join(n.replace("_", " ") for n in names) or "none"
 
 
 def recipe_note(rows: list[dict], recipe: Optional[str]) -> list[str]:
@@ -363,7 +400,10 @@ def recipe_note(rows: list[dict], recipe: Optional[str]) -> list[str]:
     n = sum(r.get("recipe") != recipe for r in rows)
     return ["", f"Recipe **{recipe}** is this run's params (`stages/recipe.py`: every param but the seed, "
                 f"the ablation knobs and `segment.init`). The {n} row(s) of recipe {', '.join(others)} ran "
-                "another recipe: they stay listed above and are left out of every mean, verdict and chart below."]
+                "another recipe: of those, only the metrics in the `pooled` column enter the means, verdicts "
+                "and charts below. A metric pools when its own recipe, the params its stage and every stage "
+                "upstream of it in dvc.yaml read (the graph `dvc repro` reruns by), is this run's; rows "
+                "recorded before per-metric recipes existed pool nothing."]
 
 
 def claims_section(rows: list[dict]) -> list[str]:
@@ -461,6 +501,16 @@ def context_of(params: Params) -> dict:
             "finetune_epochs": params.finetune.loop.epochs, "label_fraction": params.finetune.label_fraction}
 
 
+def recipe_keys(root: str | Path, sources: dict[str, Optional[str]]) -> Optional[dict[str, set[str]]]:
+    """metric -> the params upstream of it, from root's dvc.yaml resolved against its params.yaml;
+    None without a dvc.yaml (then rows pool only by their whole recipe)."""
+    dvc, tree = Path(root) / "dvc.yaml", Path(root) / "params.yaml"
+    if not dvc.exists() or not tree.exists():
+        return None
+    graph = stage_graph(yaml.safe_load(dvc.read_text()) or {}, yaml.safe_load(tree.read_text()) or {})
+    return metric_params(graph, sources)
+
+
 def report(params: Params, exp_json: Optional[list] = None, experiments: Optional[bool] = None,
            root: str | Path = ".", record_as: Optional[str] = None) -> dict:
     """Write outputs.report (Markdown + figure); `exp_json` replaces running `dvc exp show --json`.
@@ -468,12 +518,13 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
     cfg, paths = params.report, params.outputs.report
     sources = metric_sources(params)
     metrics = load_metrics(sources, root)
+    keys = recipe_keys(root, sources)
     rows, note = None, ""
     if exp_json is not None:
-        rows = parse_exp_show(exp_json, sources)
+        rows = parse_exp_show(exp_json, sources, keys)
     elif (cfg.experiments if experiments is None else experiments):
         raw, note = run_dvc_exp_show()
-        rows = parse_exp_show(raw, sources) if raw is not None else None
+        rows = parse_exp_show(raw, sources, keys) if raw is not None else None
         if raw is not None and not rows:
             note = "`dvc exp show --json` returned nothing usable."
     else:
@@ -491,12 +542,14 @@ def report(params: Params, exp_json: Optional[list] = None, experiments: Optiona
                 "`-S mask_ratio=0.3`, then `beit report`.")
     out, fig = Path(root) / paths.markdown, Path(root) / paths.figure
     context, recipe = context_of(params), recipe_of(params)
-    plot_results(metrics, None if rows is None else same_recipe(rows, recipe), fig, context)
+    recipes = recipes_of(params, keys) if keys else None
+    plot_results(metrics, None if rows is None else same_recipe(rows, recipe, recipes), fig, context)
     text = render_markdown(context, sources, metrics, rows, note,
-                           figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"), recipe=recipe)
+                           figure=os.path.relpath(fig, out.parent).replace(os.sep, "/"), recipe=recipe,
+                           recipes=recipes)
     vis = params.outputs.visualize
     text += "\n".join(visualize_section(metrics.get("visualize"), vis, out.parent, root,
-                                         same_recipe(rows, recipe))) + "\n"
+                                         same_recipe(rows, recipe, recipes))) + "\n"
     atomic_write(out, text)
     return {"report": paths.markdown, "figure": paths.figure,
             "metrics_found": sorted(n for n, d in metrics.items() if d is not None),

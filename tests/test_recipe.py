@@ -45,3 +45,47 @@ def test_a_real_change_is_another_recipe():
 def test_unreadable_trees_have_no_recipe():
     assert recipe_of(None) is None
     assert recipe_of({"finetune": {"epochs": 5}}) is None  # a key this schema does not have
+
+
+# ---- per metric: only the params upstream of its stage in dvc.yaml ----------------------------
+
+from stages.recipe import metric_params, recipes_of, stage_graph, upstream  # noqa: E402
+from stages.report import METRIC_FIELDS, metric_sources, same_recipe  # noqa: E402
+from stages.config import from_dict, Params  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAPH = stage_graph(yaml.safe_load((ROOT / "dvc.yaml").read_text()), TREE)
+KEYS = metric_params(GRAPH, metric_sources(from_dict(Params, copy.deepcopy(TREE))))
+
+
+def changed(**edits):
+    a, b = recipes_of(tree(), KEYS), recipes_of(tree(**edits), KEYS)
+    return {m for m in a if a[m] != b[m]}
+
+
+def test_the_graph_is_dvc_yaml_s():
+    assert upstream(GRAPH, "scratch") == {"scratch", "shard"}
+    assert upstream(GRAPH, "finetune") == {"finetune", "pretrain", "tokenize", "train-tokenizer", "shard"}
+    assert set(KEYS) == {"tokenizer", "pretrain", "finetune", "scratch", "linear_probe", "knn", "segment",
+                         "visualize"}
+
+
+def test_a_change_reaches_only_the_metrics_downstream_of_it():
+    assert changed(scratch__optim__lr=5e-4) == {"scratch"}
+    assert changed(probe__epochs=99) == {"linear_probe"}
+    assert changed(tokenizer__steps=123) == {"tokenizer", "pretrain", "finetune", "linear_probe", "knn",
+                                           "segment", "visualize"}
+    assert changed(shard__shard_size=777) == set(KEYS)  # everything reads the shards
+    assert changed(seed=5, masking="random") == set()  # the knobs stay out, per metric too
+
+
+def test_rows_of_another_recipe_pool_only_their_matching_metrics():
+    now, old = recipes_of(tree(), KEYS), recipes_of(tree(scratch__optim__lr=5e-4), KEYS)
+    full = {f: 1.0 for f in METRIC_FIELDS}
+    rows = [{"name": "old", "recipe": "aaaaaaaa", "recipes": old, **full},
+            {"name": "legacy", "recipe": "bbbbbbbb", **full},  # recorded before per-metric recipes
+            {"name": "new", "recipe": "cccccccc", "recipes": now, **full}]
+    pooled = same_recipe(rows, "cccccccc", now)
+    assert [r["name"] for r in pooled] == ["new", "old"]  # whole-recipe rows first; legacy pools nothing
+    assert pooled[1]["scratch_top1"] is None and pooled[1]["finetune_top1"] == 1.0
+    assert pooled[0] == rows[2]

@@ -159,10 +159,10 @@ def test_report_all_metrics(tmp_path, params):
     assert table_row(md, "DeiT-B from scratch") == ["DeiT-B from scratch", "81.8"]
     assert [table_row(md, v)[3] for v, *_ in rep.PAPER_ABLATION] == ["82.86", "82.77", "81.04", "80.50"]
     recipe = rep.recipe_of(params)
-    assert table_row(md, "elfin-duff") == ["elfin-duff", "e952797", f"**{recipe}**", "0.40", "random", "pixels", "0",
+    assert table_row(md, "elfin-duff") == ["elfin-duff", "e952797", f"**{recipe}**", "all", "0.40", "random", "pixels", "0",
                                            "73.00", "—", "—", "—", "—", "20.00"]  # scratch: the default row's
-    assert table_row(md, "master (baseline)")[7] == "80.00"
-    assert table_row(md, "laced-adze")[3] == "0.30"
+    assert table_row(md, "master (baseline)")[8] == "80.00"
+    assert table_row(md, "laced-adze")[4] == "0.30"
     assert "![results](results.png)" in md
     assert "Missing" not in md
     assert "ran another recipe" not in md  # every row is this run's recipe
