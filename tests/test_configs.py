@@ -44,3 +44,27 @@ def test_imagenet_base_is_the_paper_recipe(monkeypatch):
     assert (p.scratch.optim.layer_decay, p.scratch.optim.weight_decay) == (None, 0.05)  # DeiT: no layer decay
     cfg = create_model(p.model).config  # the 112 px DALL-E grid (112 / 8 = 14) must match the patch grid
     assert cfg.img_size == p.data.image_size and cfg.grid == (112 // 8, 112 // 8)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# The long profile is the default with more budget: any other difference is drift, and its numbers
+# would then not say what more steps do.
+LONG_BUDGET = {"tokenizer.steps", "tokenize.views", "pretrain.loop.epochs", "finetune.loop.epochs",
+               "finetune.loop.warmup_epochs"}
+
+
+def test_fashion_long_is_the_default_with_more_budget():
+    default = flat(yaml.safe_load((REPO / "params.yaml").read_text()))
+    long = flat(yaml.safe_load((REPO / "configs/fashion-long.yaml").read_text()))
+    differ = {k for k in default if default[k] != long[k]}
+    assert differ == LONG_BUDGET, sorted(differ ^ LONG_BUDGET)
+    assert all(long[k] > default[k] for k in LONG_BUDGET)
