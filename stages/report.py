@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -436,7 +437,7 @@ def claims_section(rows: list[dict]) -> list[str]:
 
 def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[dict]], path: str | Path,
                  context: dict) -> None:
-    """Bar chart: this run's top-1 numbers | the paper's | (if any) experiments' fine-tune top-1."""
+    """Bar chart: this run's top-1 numbers | the paper's | (if any runs over seeds) `seed_panel`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,8 +448,8 @@ def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[
         ("fine-tune", "finetune", "top1", "C0"), ("scratch", "scratch", "top1", "C1"),
         ("linear\nprobe", "linear_probe", "top1", "C2"), ("linear probe\non pixels", "linear_probe", "pixels_top1", "C7"),
         ("kNN", "knn", "top1", "C3"), ("kNN on\npixels", "knn", "pixels_top1", "C7"))]
-    exps = [r for r in (experiments or []) if r["finetune_top1"] is not None]
-    show_exps = any(r["kind"] == "experiment" for r in exps)
+    groups = by_variant(experiments or [])
+    show_exps = bool(groups)
     fig, axes = plt.subplots(1, 3 if show_exps else 2, figsize=(16 if show_exps else 12, 4.4), squeeze=False)
     ax = axes[0][0]
     xs = range(len(ours))
@@ -478,13 +479,7 @@ def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[
     ax.set_title("paper: ViT-B, ImageNet-1k (ablation: 300 ep)", fontsize=10)
 
     if show_exps:
-        ax = axes[0][2]
-        labels = [f"{r['name']}\n{r['masking']}/{r['target']}/{_fmt(r['mask_ratio'])}" for r in exps]
-        ax.bar(range(len(exps)), [r["finetune_top1"] for r in exps],
-               color=["C5" if r["kind"] == "experiment" else "C7" for r in exps])
-        ax.set_xticks(range(len(exps)), labels, fontsize=6, rotation=30, ha="right")
-        ax.set_ylabel("fine-tune top-1 (%)")
-        ax.set_title("DVC experiments", fontsize=10)
+        seed_panel(axes[0][2], groups)
     for a in axes[0]:
         a.grid(axis="y", alpha=0.3)
     fig.suptitle("Different scales: only the direction is comparable with the paper", fontsize=11)
@@ -492,6 +487,41 @@ def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def seed_panel(ax, groups: dict[tuple, dict[int, dict]]) -> None:
+    """Fine-tune top-1 per variant over its seeds (dots) with mean ± sd, the honest scratch
+    baseline the same way, and the raw-pixel linear probe as a band: the differences that
+    matter here are ~1 point, so the axis is fitted to the data, not started at 0."""
+    order = sorted(groups, key=lambda v: (v != DEFAULT, v))
+    entries = [(f"{m}\n{t}\n{_fmt(r)}", [s["finetune_top1"] for s in groups[(m, t, r)].values()],
+                "C0" if (m, t, r) == DEFAULT else "C4") for m, t, r in order]
+    base = groups.get(DEFAULT, {})
+    scratch = [s["scratch_top1"] for s in base.values() if s.get("scratch_top1") is not None]
+    if scratch:
+        entries.append(("scratch", scratch, "C1"))
+    pixels = [s["linear_probe_pixels"] for s in base.values() if s.get("linear_probe_pixels") is not None]
+    shown = [v for _, vals, _ in entries for v in vals]
+    if pixels:
+        p_mean = statistics.fmean(pixels)
+        p_sd = statistics.stdev(pixels) if len(pixels) > 1 else 0.0
+        ax.axhspan(p_mean - p_sd, p_mean + p_sd, color="C7", alpha=0.25, lw=0)
+        ax.axhline(p_mean, color="C7", ls="--", lw=1, label=f"linear probe on pixels {p_mean:.1f}")
+        shown.append(p_mean)
+    for x, (label, vals, colour) in enumerate(entries):
+        ax.scatter([x] * len(vals), vals, s=14, color=colour, alpha=0.6, zorder=3)
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        mean = statistics.fmean(vals)
+        ax.errorbar([x + 0.18], [mean], yerr=[sd], fmt="o", color=colour, ms=5, capsize=3, zorder=4)
+        ax.text(x + 0.18, mean + sd + 0.3, f"{mean:.1f}\nn={len(vals)}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(entries)), [label for label, _, _ in entries], fontsize=7)
+    lo, hi = min(shown), max(shown)
+    ax.set_ylim(math.floor(lo - 1.5), math.ceil(hi + 2.0))
+    ax.set_xlim(-0.6, len(entries) - 0.4)
+    ax.set_ylabel("fine-tune top-1 (%), axis fitted")
+    ax.set_title("over seeds: dots = seeds, marker = mean ± sd", fontsize=10)
+    if pixels:
+        ax.legend(loc="lower left", fontsize=7)
 
 
 def context_of(params: Params) -> dict:

@@ -290,3 +290,30 @@ def test_metric_sources_match_dvc_yaml(params):
     assert "stages/report.py" in deps
     outs = {_resolve(p, raw): opts for e in dvc["report"]["outs"] for p, opts in e.items()}
     assert outs == {params.outputs.report.markdown: {"cache": False}, params.outputs.report.figure: {"cache": False}}
+
+
+def test_seed_panel_shows_every_seed_the_spread_and_the_pixel_floor():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.claims import by_variant
+
+    def row(masking, seed, ft, scratch=None):
+        return {"kind": "experiment", "masking": masking, "target": "tokens", "mask_ratio": 0.4, "seed": seed,
+                "finetune_top1": ft, "scratch_top1": scratch, "linear_probe_pixels": 82.0 + seed / 10}
+
+    rows = [row("block", s, 82.0 + s, 74.0 + s) for s in range(3)] + [row("random", s, 81.0 + s) for s in range(3)]
+    fig, ax = plt.subplots()
+    rep.seed_panel(ax, by_variant(rows))
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0].startswith("block") and labels[1].startswith("random") and labels[2] == "scratch"
+    from matplotlib.collections import PathCollection
+
+    dots = sorted(float(y) for c in ax.collections if isinstance(c, PathCollection) for _, y in c.get_offsets())
+    assert dots == sorted([82.0, 83.0, 84.0, 81.0, 82.0, 83.0, 74.0, 75.0, 76.0])  # every seed drawn
+    lo, hi = ax.get_ylim()
+    assert lo <= 74.0 and hi >= 84.0 and hi - lo < 20  # fitted to the data, not 0-100
+    assert any("pixels 82.1" in t.get_text() for t in ax.get_legend().get_texts())
+    plt.close(fig)
