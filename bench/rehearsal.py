@@ -417,8 +417,8 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
         dl = tokenize_dalle(work / "shards" / "train", min(tokenize_images, sh["images"]), 8)
         print(f"  DALL-E    {dl['views'] / dl['seconds']:8.2f} views/s/core (random weights, 112 px, batch 8, CPU)")
         split = open_split(work / "shards" / "train", token_path)
-        ld = loader_epoch(split, batch, 1, "uint8")
-        print(f"4 loader    {ld['images'] / ld['seconds']:8.1f} img/s/worker (224 px, uint8, 1 worker)")
+        ld = loader_epoch(split, batch, 1, "uint8", draw="batched")  # configs/imagenet-base.yaml's mask draw
+        print(f"4 loader    {ld['images'] / ld['seconds']:8.1f} img/s/worker (224 px, uint8, batched masks, 1 worker)")
         marks = "  ".join(f"{int(f * 100)}%: {r / 2**20:.0f} MiB" for f, r in ld["rss"].items())
         print(f"  PSS (main + worker) {marks}; max/min from 10% to 100%: +{ld['flat'] * 100:.1f}% "
               f"({'flat' if ld['flat'] <= 0.10 else 'NOT flat'}, target <= 10%)")
