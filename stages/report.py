@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import click
 import yaml
 
 from pipeline.atomic import atomic_file, atomic_write
-from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, summary, variant_of
+from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, judge, spread, summary, variant_of
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
@@ -503,15 +502,15 @@ def seed_panel(ax, groups: dict[tuple, dict[int, dict]]) -> None:
     pixels = [s["linear_probe_pixels"] for s in base.values() if s.get("linear_probe_pixels") is not None]
     shown = [v for _, vals, _ in entries for v in vals]
     if pixels:
-        p_mean = statistics.fmean(pixels)
-        p_sd = statistics.stdev(pixels) if len(pixels) > 1 else 0.0
+        p = spread(pixels)
+        p_mean, p_sd = p["mean"], p["sd"] or 0.0
         ax.axhspan(p_mean - p_sd, p_mean + p_sd, color="C7", alpha=0.25, lw=0)
         ax.axhline(p_mean, color="C7", ls="--", lw=1, label=f"linear probe on pixels {p_mean:.1f}")
         shown.append(p_mean)
     for x, (label, vals, colour) in enumerate(entries):
         ax.scatter([x] * len(vals), vals, s=14, color=colour, alpha=0.6, zorder=3)
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        mean = statistics.fmean(vals)
+        v = spread(vals)  # the claims' own mean ± sd, so the panel and the tables agree by construction
+        mean, sd = v["mean"], v["sd"] or 0.0
         ax.errorbar([x + 0.18], [mean], yerr=[sd], fmt="o", color=colour, ms=5, capsize=3, zorder=4)
         ax.text(x + 0.18, mean + sd + 0.3, f"{mean:.1f}\nn={len(vals)}", ha="center", fontsize=7)
     ax.set_xticks(range(len(entries)), [label for label, _, _ in entries], fontsize=7)
