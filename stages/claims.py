@@ -127,6 +127,32 @@ def judge(rows: list[dict]) -> list[dict]:
     return out
 
 
+# The project's floors (issue 11), not paper claims: each learned number of the default variant
+# against the same-seed number of the raw-pixel baseline (same labels, same split).
+FLOORS = (
+    ("fine-tuning clears the raw-pixel linear probe", "finetune_top1", "linear_probe_pixels"),
+    ("the linear probe clears the raw-pixel linear probe", "linear_probe_top1", "linear_probe_pixels"),
+    ("kNN clears kNN on raw pixels", "knn_top1", "knn_pixels"),
+)
+_FLOOR_WORDS = {"reproduced": "clears the floor", "reversed": "below the floor", "not reproduced": "not resolved"}
+
+
+def floors(rows: list[dict]) -> list[dict]:
+    """One dict per FLOORS entry: the per-seed differences learned - pixels of the default
+    variant (paired: both numbers come from the same run), their mean, sd, paired t, the mean in
+    units of that sd, and a verdict in the words of a floor (t > 2 clears it, t < -2 is below)."""
+    base = by_variant(rows).get(DEFAULT, {})
+    out = []
+    for claim, learned, floor in FLOORS:
+        d = spread([base[s][learned] - base[s][floor] for s in sorted(base)
+                    if base[s].get(learned) is not None and base[s].get(floor) is not None])
+        t = paired_t(d)
+        v = verdict(t, d["n"], d["n"])
+        out.append({"claim": claim, "gap": d["mean"], "gap_sd": d["sd"], "n": d["n"], "t": t,
+                    "sds": None if not d["sd"] else d["mean"] / d["sd"], "verdict": _FLOOR_WORDS.get(v, v)})
+    return out
+
+
 # Paper Table 3: ADE20K semantic segmentation, mIoU (%), ViT-B + UperNet at 512 px.
 PAPER_SEGMENTATION = {
     "supervised pre-training on ImageNet": 45.3,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from stages.claims import by_variant, judge, spread, verdict, welch_t
+from stages.claims import by_variant, floors, judge, spread, verdict, welch_t
 from stages.report import claims_section
 
 
@@ -44,6 +44,23 @@ def test_judge_pools_seeds_per_variant_and_judges_each_claim():
     assert "80.00 ± 0.50" in text and "**reversed**" in text and "**needs 3 seeds**" in text
     assert "83.00 ± 1.00" in text  # the raw-pixel floor over the seeds, beside the learned numbers
 
+
+
+def test_floors_pair_each_learned_number_with_its_own_seeds_pixel_baseline():
+    # pixel probe 82 + seed (82, 83, 84); fine-tune 84.5 + 1.1 * seed beats it by 2.5 + 0.1 * seed
+    rows = [dict(row(seed=s, ft=84.5 + 1.1 * s), knn_top1=80.0 + 0.1 * s) for s in range(3)]
+    rows += [row("random", seed=0, ft=10.0)]  # another variant never enters the default's floors
+    got = {c["claim"]: c for c in floors(rows)}
+    ft = got["fine-tuning clears the raw-pixel linear probe"]
+    assert ft["n"] == 3 and math.isclose(ft["gap"], 2.6) and ft["verdict"] == "clears the floor"
+    assert math.isclose(ft["sds"], 2.6 / 0.1)  # a paired gap: the floor's own seed spread cancels
+    probe = got["the linear probe clears the raw-pixel linear probe"]  # 60 against 82..84
+    assert probe["gap"] == -23.0 and probe["verdict"] == "below the floor"
+    knn = got["kNN clears kNN on raw pixels"]  # 80.0, 80.1, 80.2 against 80: t = 1.73
+    assert knn["verdict"] == "not resolved"
+    assert floors(rows[:2])[0]["verdict"] == "needs 3 seeds"
+    text = "\n".join(claims_section(rows))
+    assert "+2.60 ± 0.10" in text and "**clears the floor**" in text and "**below the floor**" in text
 
 def test_paired_t_without_spread():
     from stages.claims import paired_t
