@@ -97,6 +97,12 @@ def paired_t(d: dict) -> Optional[float]:
     return None if d["n"] < 2 else _t(d["mean"], d["sd"] / math.sqrt(d["n"]))
 
 
+
+def paired_gap(seeds: dict[int, dict], a: str, b: str) -> dict:
+    """spread() of the per-seed differences a - b within the same runs, over the seeds that have both."""
+    return spread([seeds[s][a] - seeds[s][b] for s in sorted(seeds)
+                   if seeds[s].get(a) is not None and seeds[s].get(b) is not None])
+
 def verdict(t: Optional[float], n_a: int, n_b: int, paper_sign: float = 1.0) -> str:
     if t is None or min(n_a, n_b) < MIN_SEEDS:
         return f"needs {MIN_SEEDS} seeds"
@@ -110,9 +116,7 @@ def judge(rows: list[dict]) -> list[dict]:
     groups = by_variant(rows)
     base = groups.get(DEFAULT, {})
     out = []
-    diffs = [base[s]["finetune_top1"] - base[s]["scratch_top1"] for s in sorted(base)
-             if base[s].get("scratch_top1") is not None]
-    d = spread(diffs)
+    d = paired_gap(base, "finetune_top1", "scratch_top1")
     t = paired_t(d)
     out.append({"claim": "pretraining beats training from scratch", "gap": d["mean"], "gap_sd": d["sd"],
                 "n": (d["n"], d["n"]), "t": t, "verdict": verdict(t, d["n"], d["n"]), "paper_gap": PAPER_SCRATCH_GAP})
@@ -144,8 +148,7 @@ def floors(rows: list[dict]) -> list[dict]:
     base = by_variant(rows).get(DEFAULT, {})
     out = []
     for claim, learned, floor in FLOORS:
-        d = spread([base[s][learned] - base[s][floor] for s in sorted(base)
-                    if base[s].get(learned) is not None and base[s].get(floor) is not None])
+        d = paired_gap(base, learned, floor)
         t = paired_t(d)
         v = verdict(t, d["n"], d["n"])
         out.append({"claim": claim, "gap": d["mean"], "gap_sd": d["sd"], "n": d["n"], "t": t,

@@ -29,6 +29,7 @@ from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_v
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
+from stages.markdown import gap_cell, mean_sd, signed_cell, table
 from stages.recipe import metric_params, recipe_of, recipes_of, stage_graph
 from stages.seg_report import segmentation_section
 from stages.vis_report import visualize_section
@@ -260,11 +261,6 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-            + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def scale_caption(context: dict) -> str:
     return (f"**Different scales: compare directions, not values.** The paper trains ViT-B/16 on "
             f"ImageNet-1k (1.28M images, 1000 classes, 224 px; 800 pretraining epochs, ablation 300, "
@@ -298,7 +294,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
         else:
             value = "not run" if sources.get(r["source"]) else "no stage writes it"
         body.append([r["section"], r["label"], value, f"`{sources.get(r['source']) or '—'}`", r["paper"] or ""])
-    lines += _table(["stage", "metric", "this run", "file", "paper (ViT-B, ImageNet-1k)"], body)
+    lines += table(["stage", "metric", "this run", "file", "paper (ViT-B, ImageNet-1k)"], body)
     missing = [f"`{p}`" for n, p in sources.items() if p and metrics.get(n) is None]
     unconfigured = [n for n, p in sources.items() if p is None]
     if missing:
@@ -315,9 +311,9 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
                      f"(paper: {d['paper_delta']:+.1f}): **{verdict}**.")
 
     lines += ["", "## Paper reference (Bao et al. 2021, arXiv 2106.08254)", ""]
-    lines += _table(["model", "ImageNet-1k top-1 (%)"], [[k, f"{v:.1f}"] for k, v in PAPER_HEADLINE.items()])
+    lines += table(["model", "ImageNet-1k top-1 (%)"], [[k, f"{v:.1f}"] for k, v in PAPER_HEADLINE.items()])
     lines += ["", "Ablation (Table 4; ViT-B, 300 pretraining epochs):", ""]
-    lines += _table(["variant", "masking", "target", "top-1 (%)", "ADE20K mIoU"],
+    lines += table(["variant", "masking", "target", "top-1 (%)", "ADE20K mIoU"],
                     [[n, m, t, f"{a:.2f}", f"{s:.2f}"] for n, m, t, a, s in PAPER_ABLATION])
 
     lines += ["", "## DVC experiments (this pipeline's ablation)", ""]
@@ -340,7 +336,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
             body.append([label, r["rev"], mark, _pooled_label(r, recipe, recipes), *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
                          _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
                          _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
-        lines += _table(head, body)
+        lines += table(head, body)
         recorded = sum(bool(r.get("from_ledger")) for r in exps)
         source = (f"{len(exps) - recorded} from `dvc exp show --json`, {recorded} recorded in the ledger "
                   "(`report.ledger`: runs whose DVC refs are not in this clone, each marked with its "
@@ -351,12 +347,6 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
         lines += claims_section(same_recipe(experiments, recipe, recipes))
     lines += segmentation_section(same_recipe(experiments, recipe, recipes), metrics.get("segment"))
     return "\n".join(lines) + "\n"
-
-
-def _mean_sd(d: dict) -> str:
-    if d["mean"] is None:
-        return "—"
-    return f"{d['mean']:.2f}" if d["sd"] is None else f"{d['mean']:.2f} ± {d['sd']:.2f}"
 
 
 def pooled_fields(row: dict, recipe: Optional[str], recipes: Optional[dict[str, str]]) -> Optional[set[str]]:
@@ -416,29 +406,26 @@ def claims_section(rows: list[dict]) -> list[str]:
     for (masking, target, ratio), seeds in sorted(groups.items()):
         s = summary(seeds)
         body.append([masking, target, _fmt(ratio), ", ".join(map(str, s["seeds"])),
-                     *(_mean_sd(s[m]) for m in METRICS)])
-    lines += _table(["masking", "target", "mask ratio", "seeds", "fine-tune (%)", "scratch (%)",
+                     *(mean_sd(s[m]) for m in METRICS)])
+    lines += table(["masking", "target", "mask ratio", "seeds", "fine-tune (%)", "scratch (%)",
                      "linear probe (%)", "kNN (%)", "linear probe on pixels (%)", "kNN on pixels (%)"], body)
     lines += ["", "Scratch is one run per seed, on the default variant's row: its stage reads none of "
                   "masking, target or mask_ratio."]
     lines += ["", "### The paper's claims at this scale", ""]
     body = []
     for c in judge(rows):
-        gap = "—" if c["gap"] is None else (f"{c['gap']:+.2f}" + ("" if c["gap_sd"] is None else f" ± {c['gap_sd']:.2f}"))
-        t = "—" if c["t"] is None else f"{c['t']:+.1f}"
-        body.append([c["claim"], gap, f"{c['n'][0]} / {c['n'][1]}", t, f"**{c['verdict']}**", f"{c['paper_gap']:+.2f}"])
-    lines += _table(["claim (fine-tune top-1)", "gap here (points)", "seeds", "Welch t", "verdict", "paper gap"], body)
+        body.append([c["claim"], gap_cell(c["gap"], c["gap_sd"]), f"{c['n'][0]} / {c['n'][1]}", signed_cell(c["t"]),
+                     f"**{c['verdict']}**", f"{c['paper_gap']:+.2f}"])
+    lines += table(["claim (fine-tune top-1)", "gap here (points)", "seeds", "Welch t", "verdict", "paper gap"], body)
     lines += ["", "Verdict: reproduced when t > 2 in the paper's direction, reversed when t < -2, "
                   "not reproduced otherwise; fewer than 3 seeds on a side gives no verdict. "
                   "Pretraining vs scratch uses the per-seed differences of the same runs."]
     lines += ["", "### Against the raw-pixel floors (default variant)", ""]
     body = []
     for c in floors(rows):
-        gap = "—" if c["gap"] is None else (f"{c['gap']:+.2f}" + ("" if c["gap_sd"] is None else f" ± {c['gap_sd']:.2f}"))
-        t = "—" if c["t"] is None else f"{c['t']:+.1f}"
-        sds = "—" if c["sds"] is None else f"{c['sds']:+.1f}"
-        body.append([c["claim"], gap, str(c["n"]), t, sds, f"**{c['verdict']}**"])
-    lines += _table(["comparison (test top-1)", "learned - pixels (points)", "seeds", "paired t",
+        body.append([c["claim"], gap_cell(c["gap"], c["gap_sd"]), str(c["n"]), signed_cell(c["t"]),
+                     signed_cell(c["sds"]), f"**{c['verdict']}**"])
+    lines += table(["comparison (test top-1)", "learned - pixels (points)", "seeds", "paired t",
                      "gap / sd", "verdict"], body)
     lines += ["", "Per-seed differences of the same runs; the floor is cleared when the paired t > 2, "
                   "missed when t < -2. `gap / sd` is the mean difference in units of its own spread."]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from stages.claims import DEFAULT, PAPER_SEGMENTATION, SEG_CLAIMS, spread, variant_of, verdict, welch_t
+from stages.markdown import gap_cell, mean_sd, signed_cell, table
 
 INITS = ("scratch", "pretrain", "intermediate")
 
@@ -43,16 +44,6 @@ def judge_segmentation(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _mean_sd(d: dict) -> str:
-    if d["mean"] is None:
-        return "—"
-    return f"{d['mean']:.2f}" if d["sd"] is None else f"{d['mean']:.2f} ± {d['sd']:.2f}"
-
-
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
-
-
 PAPER_ROW = {"scratch": None, "pretrain": "BEiT (self-supervised)",
              "intermediate": "BEiT + intermediate fine-tuning on ImageNet-1k"}
 
@@ -69,18 +60,17 @@ def segmentation_section(rows: list[dict], this_run: Optional[dict] = None) -> l
     for init in INITS:
         s = spread(list(groups.get(init, {}).values()))
         paper = PAPER_ROW[init]
-        body.append([init, ", ".join(map(str, sorted(groups.get(init, {})))) or "—", _mean_sd(s),
+        body.append([init, ", ".join(map(str, sorted(groups.get(init, {})))) or "—", mean_sd(s),
                      f"{PAPER_SEGMENTATION[paper]:.1f} ({paper})" if paper else "— (not in Table 3)"])
-    lines += _table(["segment.init", "seeds", "mIoU here (%)", "paper, ADE20K (%)"], body)
+    lines += table(["segment.init", "seeds", "mIoU here (%)", "paper, ADE20K (%)"], body)
     lines += ["", "Paper's other rows: " + ", ".join(f"{k} {v:.1f}" for k, v in PAPER_SEGMENTATION.items()
                                                     if k not in PAPER_ROW.values()) + "."]
     body = []
     for c in judge_segmentation(rows):
-        gap = "—" if c["gap"] is None else (f"{c['gap']:+.2f}" + ("" if c["gap_sd"] is None else f" ± {c['gap_sd']:.2f}"))
-        t = "—" if c["t"] is None else f"{c['t']:+.1f}"
         paper = "—" if c["paper_gap"] is None else f"{c['paper_gap']:+.1f}"
-        body.append([c["claim"], gap, f"{c['n'][0]} / {c['n'][1]}", t, f"**{c['verdict']}**", paper])
-    lines += ["", *_table(["ordering (mIoU)", "gap here (points)", "seeds", "Welch t", "verdict", "paper gap"], body)]
+        body.append([c["claim"], gap_cell(c["gap"], c["gap_sd"]), f"{c['n'][0]} / {c['n'][1]}", signed_cell(c["t"]),
+                     f"**{c['verdict']}**", paper])
+    lines += ["", *table(["ordering (mIoU)", "gap here (points)", "seeds", "Welch t", "verdict", "paper gap"], body)]
     if not groups:
         lines += ["", "No segmentation runs in `dvc exp show` yet: `dvc exp run -S segment.init=scratch -S seed=N` "
                       "(and `pretrain`, `intermediate`) for 3 seeds each."]

@@ -45,7 +45,6 @@ def test_judge_pools_seeds_per_variant_and_judges_each_claim():
     assert "83.00 ± 1.00" in text  # the raw-pixel floor over the seeds, beside the learned numbers
 
 
-
 def test_floors_pair_each_learned_number_with_its_own_seeds_pixel_baseline():
     # pixel probe 82 + seed (82, 83, 84); fine-tune 84.5 + 1.1 * seed beats it by 2.5 + 0.1 * seed
     rows = [dict(row(seed=s, ft=84.5 + 1.1 * s), knn_top1=80.0 + 0.1 * s) for s in range(3)]
@@ -61,6 +60,7 @@ def test_floors_pair_each_learned_number_with_its_own_seeds_pixel_baseline():
     assert floors(rows[:2])[0]["verdict"] == "needs 3 seeds"
     text = "\n".join(claims_section(rows))
     assert "+2.60 ± 0.10" in text and "**clears the floor**" in text and "**below the floor**" in text
+
 
 def test_paired_t_without_spread():
     from stages.claims import paired_t
