@@ -234,10 +234,10 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
             part = samples[i:min(i + chunk, n)]
             apply_views([decode_rgb(d) for d, _ in part], [v for _, v in part], size)
 
-    def loader(workers: int, cls=MIMDataset, gen=masks):
+    def loader(workers: int, cls=MIMDataset, gen=masks, ring: bool = True):
         cfg = LoaderConfig(num_workers=workers, shuffle_buffer=shuffle)
         ds = cls(split, cfg, size, gen, seed=0)
-        it = batches(ds, batch, cfg.num_workers, epoch=0)
+        it = batches(ds, batch, cfg.num_workers, epoch=0, ring=ring)
         next(it)  # worker start-up, shuffle-buffer fill, first batch: not counted
         t = time.perf_counter()
         k = sum(1 for _ in it)
@@ -246,7 +246,8 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     D, D2 = "d decode + augment", f"d' decode + augment, chunk {chunk}"
     C1, C0, L1 = "c loader 1 worker", "c loader in-process", "l legacy loader 1 worker"
     B1, B0 = "b loader 1 worker, batched masks", "b loader in-process, batched"
-    rates: dict[str, list[float]] = {D: [], D2: [], C1: [], C0: [], B1: [], B0: []}
+    BN = "b' 1 worker, batched, no ring"
+    rates: dict[str, list[float]] = {D: [], D2: [], C1: [], C0: [], B1: [], B0: [], BN: []}
     if legacy:
         rates[L1] = []
     Legacy = _legacy().LegacyMIMDataset if legacy else None
@@ -259,7 +260,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
             rates[k].append(n / timed(decode_augment_chunked))
         else:
             imgs, sec = loader(0 if k in (C0, B0) else 1, Legacy if k == L1 else MIMDataset,
-                               batched if k in (B1, B0) else masks)
+                               batched if k in (B1, B0, BN) else masks, ring=k != BN)
             rates[k].append(imgs / sec)
 
     names = list(rates)
@@ -312,6 +313,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     return {f"{scale}: loader 1 worker / (d)": med[C1] / limit,
             f"{scale}: loader 1 worker / (d')": med[C1] / med[D2],
             f"{scale}: loader 1 worker, batched masks / (d')": med[B1] / med[D2],
+            f"{scale}: the batch ring, (b) / (b')": med[B1] / med[BN],
             **({f"{scale}: legacy 1 worker / (d)": med[L1] / limit} if legacy else {})}
 
 

@@ -244,7 +244,7 @@ class RSS:
 
 
 def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool = True,
-                 limit: Optional[int] = None, draw: str = "per-sample") -> dict:
+                 limit: Optional[int] = None, draw: str = "per-sample", ring: bool = True) -> dict:
     """`_loader_epoch` in a fresh (spawned) process, as a trainer runs it: a DataLoader
     worker forked from this process would copy-on-write pages of the earlier stages'
     heap as its garbage collector touches them, and the memory would grow for that
@@ -261,7 +261,7 @@ def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool =
         tar.read_bytes()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    p = ctx.Process(target=_loader_child, args=(out, split, batch, workers, transport, memory, limit, draw))
+    p = ctx.Process(target=_loader_child, args=(out, split, batch, workers, transport, memory, limit, draw, ring))
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # read by the child's glibc at start
     try:
@@ -278,22 +278,22 @@ def loader_epoch(split, batch: int, workers: int, transport: str, memory: bool =
     return result
 
 
-def _loader_child(out, split, batch, workers, transport, memory, limit, draw) -> None:
+def _loader_child(out, split, batch, workers, transport, memory, limit, draw, ring) -> None:
     torch.set_num_threads(1)
     try:
-        out.put(_loader_epoch(split, batch, workers, transport, memory, limit, draw))
+        out.put(_loader_epoch(split, batch, workers, transport, memory, limit, draw, ring))
     except BaseException as err:  # noqa: BLE001  (handed to the parent, which raises it)
         out.put(err)
 
 
 def _loader_epoch(split, batch: int, workers: int, transport: str, memory: bool, limit: Optional[int],
-                  draw: str) -> dict:
+                  draw: str, ring: bool = True) -> dict:
     cfg = LoaderConfig(num_workers=workers, shuffle_buffer=max(batch * 4, 64), transport=transport)
     masks = MaskGenerator((14, 14), MaskingConfig(kind="block", mask_ratio=0.4, draw=draw))
     ds = MIMDataset(split, cfg, 224, masks, seed=0)
     total = split.num_samples // batch
     with (RSS() if memory else contextlib.nullcontext(RSS.__new__(RSS))) as rss:
-        it = batches(ds, batch, workers, epoch=0)
+        it = batches(ds, batch, workers, epoch=0, ring=ring)
         first = next(it)
         normalize(first["image"], cfg.mean, cfg.std, "cpu")
         t, k = time.perf_counter(), 1
@@ -343,13 +343,14 @@ def goals(split, n: int, repeats: int, batch: int) -> dict:
         for data, view in samples:
             render_views([data], [view], 224, torch.uint8, whole=whole)
 
-    def loader(workers: int, draw: str = "per-sample"):
-        r = loader_epoch(split, batch, workers, "uint8", memory=False, limit=max(4 * batch, n), draw=draw)
+    def loader(workers: int, draw: str = "per-sample", ring: bool = True):
+        r = loader_epoch(split, batch, workers, "uint8", memory=False, limit=max(4 * batch, n), draw=draw, ring=ring)
         return r["images"] / r["seconds"]
 
     rates: dict[str, list[float]] = {"T torchvision standard": [], "R bare decode+render": [],
                                      "R' the same, whole decode": [], "L loader 1 worker": [],
-                                     "L0 loader in-process": [], "LB loader 1 worker, batched masks": []}
+                                     "L0 loader in-process": [], "LB loader 1 worker, batched masks": [],
+                                     "LB' the same, no ring": []}
     modes = {"T torchvision standard": tv, "R bare decode+render": lambda: bare(None),
              "R' the same, whole decode": lambda: bare(True)}
     fns = list(rates)
@@ -357,7 +358,8 @@ def goals(split, n: int, repeats: int, batch: int) -> dict:
         for k in fns[r % len(fns):] + fns[:r % len(fns)]:
             torch.set_num_threads(1)
             if k.startswith("L"):
-                rates[k].append(loader(0 if k.startswith("L0") else 1, "batched" if k.startswith("LB") else "per-sample"))
+                rates[k].append(loader(0 if k.startswith("L0") else 1, "batched" if k.startswith("LB") else "per-sample",
+                                       ring=not k.startswith("LB'")))
             else:
                 t = time.perf_counter()
                 modes[k]()
@@ -451,6 +453,8 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
         lb = g["LB loader 1 worker, batched masks"]
         print(f"  with batched masks (pretrain.mask_draw: batched): loader / torchvision {lb / g['T torchvision standard']:.2f}x, "
               f"loader / bare {lb / g['R bare decode+render'] * 100:.1f}%")
+        no_ring = g["LB' the same, no ring"]
+        print(f"  the batch ring (pipeline/ring.py): LB / LB' {lb / no_ring:.2f}x")
         print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     finally:
         if not keep:

@@ -26,6 +26,7 @@ from pipeline.shardread import check_shards, image_bytes, index_file, read_index
 from pipeline.stream import ShardList, epoch_stream
 from pipeline.tokens import open_tokens
 from pipeline.render import Encoded, render_views
+from pipeline.ring import BatchRing, Spec
 from pipeline.views import View
 
 
@@ -102,6 +103,7 @@ class MIMDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.split, self.cfg, self.image_size, self.masks, self.seed = split, cfg, image_size, masks, seed
         self.epoch = 0
+        self.grid = tuple(open_tokens(split.token_path).spec.grid)  # (h, w) of the token grids
         self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self._std = torch.tensor(cfg.std).view(3, 1, 1)
         # Samples rendered per render_views call (1: one at a time; same output either way).
@@ -109,8 +111,10 @@ class MIMDataset(torch.utils.data.IterableDataset):
         # ~180 to ~80 us/img (per-call tensor set-up dominates); at 224 px they do not
         # help (2.5 ms/img either way, more memory traffic), so large views go one by one.
         self.render_chunk = 32 if image_size <= 64 else 1
-        # Set by stream.batches: yield batches of this size (make_batch), not samples.
+        # Set by stream.batches: yield batches of this size (make_batch), not samples, and
+        # in DataLoader workers fill this ring's slots (pipeline/ring.py) instead of new tensors.
         self.batch_size: Optional[int] = None
+        self.ring: Optional[BatchRing] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -161,26 +165,31 @@ class MIMDataset(torch.utils.data.IterableDataset):
             outs.append(out)
         return outs
 
-    def make_batch(self, samples: list[dict]) -> dict:
+    def batch_spec(self, batch_size: int) -> Spec:
+        """The tensors of one `make_batch` (for a `BatchRing`): name -> (shape, dtype)."""
+        grid = self.grid
+        dtype = torch.uint8 if self.cfg.transport == "uint8" else torch.float32
+        spec = {"label": ((batch_size,), torch.int64),
+                "tokens": ((batch_size, *grid), torch.int64),
+                "image": ((batch_size, 3, self.image_size, self.image_size), dtype)}
+        if self.masks is not None:
+            spec["mask"] = ((batch_size, grid[0] * grid[1]), torch.bool)
+        return spec
+
+    def make_batch(self, samples: list[dict], out: Optional[dict[str, torch.Tensor]] = None) -> dict:
         """The samples as one batch, the same tensors `default_collate(make_samples(samples))`
         gives (tests/test_loader_fast.py), built without per-sample tensors: the views are
-        rendered straight into the batch (in a DataLoader worker, into shared memory, which
-        is where default_collate would have copied them), tokens and masks stacked once."""
+        rendered straight into the batch (`out`, a ring slot in a DataLoader worker, else new
+        tensors shaped by `batch_spec`), tokens and masks stacked once."""
         images, views, tokens, labels, keys = self._gather(samples)
-        dtype = torch.uint8 if self.cfg.transport == "uint8" else torch.float32
-        out = _empty((len(samples), 3, self.image_size, self.image_size), dtype)  # [B, 3, S, S]
-        # Every tensor is made in shared memory (inside a worker): one the pickler has to move
-        # there costs a copy and a new segment per batch. Measured at 28 px the gain is within
-        # noise (bench/README.md, "Batched masks"); the ~30 us/img worker overhead is elsewhere.
-        b = len(samples)
-        grid = tokens[0].shape
-        batch = {"label": _filled((b,), torch.int64, labels),
-                 "tokens": _filled((b, *grid), torch.int64, np.stack(tokens)),  # [B, h, w]
-                 "image": self._render(images, views, out)}
+        if out is None:
+            out = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in self.batch_spec(len(samples)).items()}
+        out["label"].copy_(torch.as_tensor(labels))  # [B]
+        out["tokens"].copy_(torch.from_numpy(np.stack(tokens)))  # [B, h, w]
+        self._render(images, views, out["image"])  # [B, 3, S, S]
         if self.masks is not None:
-            m = self._masks(keys)  # bool [B, h*w]
-            batch["mask"] = _filled(m.shape, torch.bool, m)
-        return batch
+            out["mask"].copy_(torch.from_numpy(self._masks(keys)))  # bool [B, h*w]
+        return out
 
     def _tokens(self, samples: Iterator[dict]) -> Iterator[dict]:
         return attach_tokens(samples, open_tokens(self.split.token_path), self.split.shards)
@@ -191,27 +200,19 @@ class MIMDataset(torch.utils.data.IterableDataset):
         # whole batches (stream.batches sets batch_size; this worker's last partial one is dropped),
         # else samples rendered render_chunk at a time
         size = self.batch_size or self.render_chunk
+        info = torch.utils.data.get_worker_info()
+        ring = self.ring if self.batch_size and info is not None else None
         chunk: list[dict] = []
         for sample in stream:
             chunk.append(sample)
-            if len(chunk) >= size:
+            if len(chunk) < size:
+                continue
+            if ring is not None:  # in a worker: fill the ring's next free slot, hand over its name
+                slot, out = ring.acquire(info.id)
+                self.make_batch(chunk, out)
+                yield slot
+            else:
                 yield from ([self.make_batch(chunk)] if self.batch_size else self.make_samples(chunk))
-                chunk = []
+            chunk = []
         if chunk and not self.batch_size:
             yield from self.make_samples(chunk)
-
-def _filled(shape: tuple[int, ...], dtype: torch.dtype, values) -> torch.Tensor:
-    """`_empty` holding `values` (a list or an array of that shape)."""
-    out = _empty(shape, dtype)
-    out.copy_(torch.as_tensor(np.asarray(values)))
-    return out
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty, in shared memory inside a DataLoader worker: the batch then crosses to the
-    main process without the copy the worker's pickler would make (what default_collate does)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)

@@ -25,7 +25,12 @@ import numpy as np
 import torch
 
 from pipeline.fingerprint import stable_hash
+from pipeline.ring import BatchRing
 from pipeline.shardread import CorruptShard, tar_samples
+
+# Batches a DataLoader worker renders ahead (torch's default); a worker's ring has one slot more,
+# the one the main process is copying out.
+PREFETCH = 2
 
 Stage = Callable[[Iterator[dict]], Iterator[dict]]
 
@@ -134,24 +139,39 @@ def epoch_steps(split: ShardList, batch_size: int, num_workers: int, seed: int, 
 
 
 def batches(dataset: torch.utils.data.IterableDataset, batch_size: int, num_workers: int,
-            epoch: int, skip: int = 0) -> Iterator[dict]:
+            epoch: int, skip: int = 0, ring: bool = True) -> Iterator[dict]:
     """This epoch's batches (each worker drops its last partial batch, so every
     batch has the same shape); `skip` resumes mid-epoch. Stop after
-    `epoch_steps(...)` batches to keep DDP ranks in step."""
+    `epoch_steps(...)` batches to keep DDP ranks in step. `ring=False`: a self-batching
+    dataset's workers ship new tensors per batch (the same batches; bench/pretrain.py times both)."""
     dataset.set_epoch(epoch)
-    if getattr(dataset, "make_batch", None) is not None:
-        # The dataset batches itself (pipeline/mim.py: rendered straight into the batch, in shared
-        # memory in a worker): the same batches, without a per-sample collate (bench/README.md).
-        dataset.batch_size = batch_size
+    pin = torch.cuda.is_available()
+    if getattr(dataset, "make_batch", None) is None:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                             drop_last=True, persistent_workers=False, pin_memory=pin)
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch
+        return
+    # The dataset batches itself (pipeline/mim.py: rendered straight into the batch): the same
+    # batches without a per-sample collate; its workers fill a ring of shared buffers and hand
+    # over slot numbers (pipeline/ring.py says why; bench/README.md measures it).
+    dataset.batch_size = batch_size
+    shared = BatchRing(dataset.batch_spec(batch_size), num_workers, PREFETCH + 1) if num_workers and ring else None
+    dataset.ring = shared  # the workers are started (fork or spawn) below, with the ring
+    try:
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
-    else:
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-            persistent_workers=False, pin_memory=torch.cuda.is_available())
-    for i, batch in enumerate(loader):
-        if i >= skip:
-            yield batch
+                                             persistent_workers=False, pin_memory=pin and shared is None,
+                                             prefetch_factor=PREFETCH if num_workers else None)
+        for i, item in enumerate(loader):
+            if shared is not None and i < skip:
+                shared.release(item)  # a skipped batch is not copied out
+            elif i >= skip:
+                yield shared.take(item, pin) if shared is not None else item
+    finally:
+        if shared is not None:
+            shared.close()
+        dataset.ring = None
 
 
 def eval_batches(dataset: torch.utils.data.IterableDataset, batch_size: int, num_workers: int,
