@@ -244,13 +244,19 @@ def render_views(sources: Sequence[Encoded | bytes], views: Sequence[View], size
             return torch.stack(u8, out=out)  # [B, 3, S, S]
         x = torch.stack(u8).float().div_(255.0)
         return x if out is None else out.copy_(x)
-    x = torch.empty(len(srcs), 3, size, size)  # [B, 3, S, S]
-    if jpeg:
-        u8 = torch.stack([_jpeg_view(srcs[i], views[i], size, whole[i]) for i in jpeg])  # [J, 3, S, S]
-        x[jpeg] = u8.float().div_(255.0)  # [J, 3, S, S] in [0, 1], finished
-    if other:
-        x[other] = finish_views(resize_views([srcs[i].full() for i in other], [views[i] for i in other], size),
-                                [views[i] for i in other])
+    if not jpeg:  # PNG and the like (the bundled default): rendered straight into `out` when it is float
+        into = out if dtype == torch.float32 else None
+        x = finish_views(resize_views([s.full() for s in srcs], views, size, out=into), views)  # [B, 3, S, S]
+        if into is not None and x is not into:  # finish_views works in place; should that change
+            x = into.copy_(x)
+        if dtype == torch.uint8:
+            return quantize(x) if out is None else out.copy_(quantize(x))
+        return x
+    x = torch.empty(len(srcs), 3, size, size)  # [B, 3, S, S]; both kinds in one batch
+    u8 = torch.stack([_jpeg_view(srcs[i], views[i], size, whole[i]) for i in jpeg])  # [J, 3, S, S]
+    x[jpeg] = u8.float().div_(255.0)  # [J, 3, S, S] in [0, 1], finished
+    x[other] = finish_views(resize_views([srcs[i].full() for i in other], [views[i] for i in other], size),
+                            [views[i] for i in other])
     x = quantize(x) if dtype == torch.uint8 else x
     return x if out is None else out.copy_(x)
 

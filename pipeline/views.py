@@ -32,7 +32,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -206,14 +206,16 @@ def apply_views(images: Sequence[torch.Tensor | np.ndarray], views: Sequence[Vie
     return finish_views(resize_views(images, views, size), views)
 
 
-def resize_views(images: Sequence[torch.Tensor | np.ndarray], views: Sequence[View], size: int) -> torch.Tensor:
+def resize_views(images: Sequence[torch.Tensor | np.ndarray], views: Sequence[View], size: int,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`apply_views` up to the resize: each view's box cropped from its fully decoded image and
-    resized, clamped to [0, 1]: float32 [B,3,size,size]; no flip, no jitter yet."""
+    resized, clamped to [0, 1]: float32 [B,3,size,size]; no flip, no jitter yet. `out`: the
+    float32 [B,3,size,size] tensor to write them into (a batch buffer), returned."""
     if len(images) != len(views):
         raise ValueError(f"{len(images)} images but {len(views)} views")
     if size < 1:
         raise ValueError(f"output size must be >= 1, got {size}")
-    out = []
+    resized = []
     for image, view in zip(images, views):
         x = _to_chw_float(image)  # [3,H,W]
         if (x.shape[1], x.shape[2]) != (view.src_height, view.src_width):
@@ -221,10 +223,10 @@ def resize_views(images: Sequence[torch.Tensor | np.ndarray], views: Sequence[Vi
                 f"view was drawn for a {view.src_width}x{view.src_height} image, got {x.shape[2]}x{x.shape[1]}"
             )
         crop = x[:, view.top : view.top + view.height, view.left : view.left + view.width]  # [3,h,w]
-        out.append(
+        resized.append(
             F.interpolate(crop.unsqueeze(0), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         )  # [1,3,size,size]
-    return torch.cat(out).clamp_(0.0, 1.0)  # [B,3,size,size]; bicubic overshoots
+    return torch.cat(resized, out=out).clamp_(0.0, 1.0)  # [B,3,size,size]; bicubic overshoots
 
 
 def finish_views(x: torch.Tensor, views: Sequence[View]) -> torch.Tensor:

@@ -128,6 +128,13 @@ def test_png_and_cmyk_jpegs_render_exactly_as_before():
     fulls = [decode_rgb(d) for d in datas]
     views = [sample_view(0, f"k{i}", 0, f.shape[1], f.shape[0], CFG) for i, f in enumerate(fulls)]
     assert torch.equal(render_views(datas, views, 28), apply_views(fulls, views, 28))
+    # rendered into a batch buffer (the loader's ring slot), PNG alone and mixed with a JPEG
+    for idx in ([0], [0, 1]):
+        srcs, vs = [datas[i] for i in idx], [views[i] for i in idx]
+        for dtype in (torch.float32, torch.uint8):
+            out = torch.full((len(idx), 3, 28, 28), 7, dtype=dtype)
+            got = render_views(srcs, vs, 28, dtype, out=out)
+            assert got.data_ptr() == out.data_ptr() and torch.equal(out, render_views(srcs, vs, 28, dtype))
 
 
 def test_uint8_transport_is_the_quantised_float_render_and_normalize_inverts_it():
