@@ -14,6 +14,8 @@ interleaved repeats).
          (d) decode_rgb + apply_view alone on the same samples and views, one core
          ratio loader / (d) = share of the per-core data limit the loader delivers
          (target >= 90%), plus where the loader's extra time goes.
+         (b) the loader with batched masks; (b') the same 1-worker loader without the batch
+             ring (pipeline/ring.py): each batch in fresh shared memory, as before the ring.
 
 Usage: .venv/bin/python bench/pretrain.py [--batch 128] [--dalle-batch 8] [--vit tiny]
            [--repeats 3] [--threads 1] [--loader-images 3000] [--no-dalle]

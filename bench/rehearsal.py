@@ -210,23 +210,25 @@ class RSS:
         except AttributeError:  # no PSS on this OS
             return p.memory_info().rss
 
-    def _rss(self) -> Optional[int]:
-        """The sum, or None when a child could not be read (a worker starting or exiting): a
-        partial sum would read as growth. The likely cause of a +122% max/min in a run whose
-        marks rose only 1216 -> 1302 MiB (2026-12-02, photo-sized run 1)."""
-        total = self._one(self.proc)
-        for c in self.proc.children(recursive=True):
+    def _rss(self) -> Optional[tuple[int, int]]:
+        """(the sum, the processes summed), or None when a child could not be read (a worker
+        starting or exiting): a partial sum would read as growth. The likely cause of a +122%
+        max/min in a run whose marks rose only 1216 -> 1302 MiB (2026-12-02, photo-sized run 1).
+        A sample that missed a process without an error (a +90% max/min on 2026-12-03 whose
+        marks rose 1301 -> 1327 MiB) is dropped by `flat` through the count."""
+        total, children = self._one(self.proc), self.proc.children(recursive=True)
+        for c in children:
             try:
                 total += self._one(c)
             except Exception:  # noqa: BLE001  (psutil: NoSuchProcess, AccessDenied, ...)
                 return None
-        return total
+        return total, 1 + len(children)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             r = self._rss()
             if r is not None:
-                self.samples.append((self.frac, r))
+                self.samples.append((self.frac, *r))
             time.sleep(self.every)
 
     def __enter__(self):
@@ -239,7 +241,7 @@ class RSS:
 
     def at(self, frac: float) -> int:
         """The largest RSS sampled at or before `frac` of the epoch (after it started)."""
-        seen = [r for f, r in self.samples if 0 < f <= frac + 1e-9]
+        seen = [r for f, r, _ in self.samples if 0 < f <= frac + 1e-9]
         return max(seen) if seen else 0
 
 
@@ -308,9 +310,12 @@ def _loader_epoch(split, batch: int, workers: int, transport: str, memory: bool,
     if not memory:
         return {"images": (k - 1) * batch, "seconds": sec}
     marks = {f: rss.at(f) for f in (0.1, 0.25, 0.5, 0.75, 1.0)}
-    late = [r for f, r in rss.samples if 0.1 <= f <= 1.0]
-    flat = (max(late) / min(late) - 1) if late else float("nan")
-    return {"images": (k - 1) * batch, "seconds": sec, "rss": marks, "flat": flat}
+    late = [(r, n) for f, r, n in rss.samples if 0.1 <= f <= 1.0]
+    procs = max((n for _, n in late), default=0)  # main + worker (+ multiprocessing's tracker)
+    full = [r for r, n in late if n == procs]  # samples that summed every process
+    flat = (max(full) / min(full) - 1) if full else float("nan")
+    return {"images": (k - 1) * batch, "seconds": sec, "rss": marks, "flat": flat,
+            "partial": len(late) - len(full)}
 
 
 # ---------------------------------------------------------------------------- goals
@@ -423,7 +428,8 @@ def main(images, classes, views, tokenize_images, resize_short, shard_size, batc
         print(f"4 loader    {ld['images'] / ld['seconds']:8.1f} img/s/worker (224 px, uint8, batched masks, 1 worker)")
         marks = "  ".join(f"{int(f * 100)}%: {r / 2**20:.0f} MiB" for f, r in ld["rss"].items())
         print(f"  PSS (main + worker) {marks}; max/min from 10% to 100%: +{ld['flat'] * 100:.1f}% "
-              f"({'flat' if ld['flat'] <= 0.10 else 'NOT flat'}, target <= 10%)")
+              f"({'flat' if ld['flat'] <= 0.10 else 'NOT flat'}, target <= 10%; "
+              f"{ld['partial']} samples that missed a process left out)")
 
         n = IMAGENET_TRAIN
         per_core = {"shard": sh["images"] / sh["seconds"],
