@@ -10,11 +10,10 @@ from pipeline.shardread import read_index
 
 def stable_hash(*parts: object, digest_size: int = 8) -> int:
     """A platform-, process- and order-independent integer hash (unlike hash())."""
-    h = hashlib.blake2b(digest_size=digest_size)
-    for part in parts:
-        h.update(repr(part).encode())
-        h.update(b"\x1f")
-    return int.from_bytes(h.digest(), "little")
+    # The bytes hashed are each part's repr followed by 0x1f, joined into one buffer: the loader
+    # calls this twice per sample (view, mask), and one update is ~2x faster than 2 per part.
+    data = b"".join(repr(part).encode() + b"\x1f" for part in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=digest_size).digest(), "little")
 
 
 def json_fingerprint(obj: object) -> str:

@@ -158,6 +158,48 @@ def test_decode_rgb_rejects_garbage():
         decode_rgb(b"not an image")
 
 
+def test_decode_rgb_png_fast_path_same_pixels_as_pil(monkeypatch):
+    """8-bit grey/RGB PNGs decode through libpng (torchvision), the rest through PIL; both
+    must give what PIL + pil_rgb gives, and a corrupt PNG still fails with ValueError."""
+    from pipeline import shardread
+    from pipeline.shardread import _plain_png, pil_rgb
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (13, 37, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (9, 5, 4), dtype=np.uint8)
+    grey_trns = Image.fromarray(grey[:7, :11])
+    cases = {  # name: (png bytes, takes the fast path)
+        "grey": (encode(Image.fromarray(grey), "PNG"), True),
+        "rgb odd size": (encode(Image.fromarray(rgb), "PNG"), True),
+        "rgb interlaced": (encode(Image.fromarray(rgb), "PNG", interlace=1), True),
+        "one pixel": (encode(Image.fromarray(grey[:1, :1]), "PNG"), True),
+        "rgba": (encode(Image.fromarray(alpha), "PNG"), False),
+        "palette": (encode(Image.fromarray(rgb).quantize(16), "PNG"), False),
+        "grey + tRNS": (encode(grey_trns, "PNG", transparency=int(grey[0, 0])), False),
+        "16-bit rgb": (png16_rgb(rng.integers(0, 65536, (6, 4, 3)).astype(np.uint16)), False),
+        "1-bit": (encode(Image.fromarray(grey > 127), "PNG"), False),
+    }
+    for name, (data, fast) in cases.items():
+        assert _plain_png(data) is fast, name
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            want = pil_rgb(im)
+        got = decode_rgb(data)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, want), name
+    monkeypatch.setattr(shardread, "_png_decoder", False)  # a torchvision without its PNG codec: PIL
+    for name, (data, _) in cases.items():
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            assert np.array_equal(decode_rgb(data), pil_rgb(im)), name
+    monkeypatch.undo()
+    data = cases["grey"][0]
+    cut = data[: data.index(b"IDAT") + 20]  # a plain PNG header, its pixel data cut short
+    assert _plain_png(cut)
+    with pytest.raises(ValueError):
+        decode_rgb(cut)
+
+
 def test_resize_writes_hwc_directly_same_pixels_as_interpolate():
     """resize_rgb has torch write into an HWC buffer (no copy back from CHW); it must give
     exactly what F.interpolate(bicubic, antialias) gives, for odd shapes too."""
