@@ -260,8 +260,16 @@ class ProbeConfig:
     batch_size: int = 256  # feature extraction
     num_workers: int = 2
     device: Device = "auto"
-    epochs: int = 100  # linear classifier on cached (standardised) features
-    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # AdamW peak lrs tried on the holdout
+    # How the linear classifier is fit on the cached features. lbfgs: logistic regression solved
+    # to convergence (stages/convex_probe.py: why), choosing l2 x whiten on the holdout; adamw:
+    # minibatch AdamW over `epochs` with a cosine lr from `lrs` (for feature sets too large for
+    # one full batch in memory, as ImageNet's).
+    solver: Literal["lbfgs", "adamw"] = "lbfgs"
+    l2s: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # lbfgs: penalties tried on the holdout
+    whiten: tuple[bool, ...] = (False, True)  # lbfgs: standardised and/or PCA-whitened features
+    max_iter: int = 1000  # lbfgs iterations at most (it stops earlier when converged)
+    epochs: int = 100  # adamw: linear classifier on cached (standardised) features
+    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # adamw: peak lrs tried on the holdout
     weight_decay: float = 1e-4
     linear_batch_size: int = 512
     knn_k: int = 20
@@ -275,13 +283,22 @@ class ProbeConfig:
             raise ValueError(f"block={self.block}: must be >= 1 (blocks counted from 1), auto or null")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise ValueError(f"lrs={list(self.lrs)}: must be one or more positive learning rates")
+        if not self.l2s or any(l2 < 0 for l2 in self.l2s) or not self.whiten or self.max_iter < 1:
+            raise ValueError(f"l2s={list(self.l2s)}, whiten={list(self.whiten)}, max_iter={self.max_iter}: "
+                             "need one or more l2 >= 0, one or more whiten flags and max_iter >= 1")
         if self.validation is not None and self.validation < 1:
             raise ValueError(f"validation={self.validation}: must be >= 1 or null")
-        if self.validation is None and (self.block == "auto" or len(self.lrs) > 1):
-            raise ValueError("validation=null leaves nothing to choose block=auto or among several lrs on; "
-                             "fix block and give one lr, or set validation: N")
+        if self.validation is None and (self.block == "auto" or len(self.linear_settings()) > 1):
+            raise ValueError("validation=null leaves nothing to choose block=auto or among several probe settings "
+                             "on; fix block and give one lr (adamw) or one l2 and whiten flag (lbfgs), or set validation: N")
         if self.knn_k < 1 or self.knn_temperature <= 0:
             raise ValueError("knn_k must be >= 1 and knn_temperature > 0")
+
+    def linear_settings(self) -> list:
+        """What the holdout chooses among for the linear probe: lrs (adamw), or {"l2", "whiten"} (lbfgs)."""
+        if self.solver == "adamw":
+            return list(self.lrs)
+        return [{"l2": l2, "whiten": w} for w in self.whiten for l2 in self.l2s]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,11 @@ block `probe.block` (default: all blocks); the patch tokens are averaged
 (no CLS). Extracted once per (checkpoint, block, split, subset) into a cache
 under <outputs.runs>/features-<fingerprint>/ that both commands share.
 
-linear-probe: features standardised with the train mean/std (a BatchNorm
-without affine, as MAE/BEiT probes use), then one linear layer trained with
-AdamW + cosine schedule on the cached features (seconds, not minutes).
+linear-probe: multinomial logistic regression on the cached features, solved to
+convergence by L-BFGS (stages/convex_probe.py) on standardised (a BatchNorm without
+affine, as MAE/BEiT probes use) or PCA-whitened features, l2 and whitening chosen on
+the holdout; `probe.solver: adamw` trains the linear layer with AdamW + cosine
+schedule instead (minibatches: feature sets too large for one batch).
 knn: cosine similarity, k = probe.knn_k nearest train features, DINO's
 temperature-weighted vote (each neighbour votes exp(cos / T) for its class).
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 import click
+from tqdm import tqdm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -41,6 +44,7 @@ from pipeline.fingerprint import file_fingerprint, json_fingerprint
 from pipeline.schema import LoaderConfig
 from pipeline.stream import eval_batches
 from stages.config import ConfigError, Params, load_params
+from stages.convex_probe import fit_logistic
 from stages.errors import one_line_errors
 from stages.metrics import topk_hits, write_json
 
@@ -198,7 +202,8 @@ def choose(data: ProbeData, options: list[tuple[int, float]], score) -> tuple[tu
     if data.holdout is None:
         return options[0], []
     rows, best = [], None
-    for i, setting in options:
+    # each L-BFGS fit on 2,352 raw pixels takes seconds: the grid shows its progress (also under dvc repro)
+    for i, setting in tqdm(options, desc="holdout fits", unit="fit", mininterval=2.0):
         top1 = score(data.fit[0][i], data.fit[1], data.holdout[0][i], data.holdout[1], setting)
         rows.append({"block": data.block_name(i), "setting": setting, "top1": top1})
         if best is None or top1 > best[1]:
@@ -207,25 +212,31 @@ def choose(data: ProbeData, options: list[tuple[int, float]], score) -> tuple[tu
 
 
 def fit_linear_scored(params: Params, data: ProbeData) -> dict:
-    """Linear probe: block and lr chosen on the holdout, then the eval split scored once."""
+    """Linear probe: block and setting (lr, or l2 and whitening) chosen on the holdout, then the
+    eval split scored once."""
     p = params.probe
 
-    def fit(x, y, lr):
-        return train_linear(x, y, data.classes, p.epochs, lr, p.weight_decay, p.linear_batch_size, params.seed)
+    def fit(x, y, setting):
+        if p.solver == "lbfgs":
+            return fit_logistic(x, y, data.classes, setting["l2"], setting["whiten"], p.max_iter)
+        linear, mean, std = train_linear(x, y, data.classes, p.epochs, setting, p.weight_decay,
+                                         p.linear_batch_size, params.seed)
+        return lambda z: linear((z - mean) / std)
 
-    def score(tx, ty, x, y, lr):
-        linear, mean, std = fit(tx, ty, lr)
+    def score(tx, ty, x, y, setting):
+        predict = fit(tx, ty, setting)
         with torch.no_grad():
-            return topk_accuracy(linear((x - mean) / std), y)["top1"]
+            return topk_accuracy(predict(x), y)["top1"]
 
     layers = range(len(data.eval[0]))
-    (i, lr), rows = choose(data, [(j, lr) for j in layers for lr in p.lrs], score)
-    linear, mean, std = fit(data.fit[0][i], data.fit[1], lr)
+    (i, setting), rows = choose(data, [(j, s) for j in layers for s in p.linear_settings()], score)
+    predict = fit(data.fit[0][i], data.fit[1], setting)
     with torch.no_grad():
-        test = topk_accuracy(linear((data.eval[0][i] - mean) / std), data.eval[1])
-        train = topk_accuracy(linear((data.fit[0][i] - mean) / std), data.fit[1])
-    return {**test, "train_top1": train["top1"], "block": data.block_name(i),
-            "lr": lr, "holdout": rows, "train_samples": len(data.fit[1]), "eval_samples": len(data.eval[1]),
+        test = topk_accuracy(predict(data.eval[0][i]), data.eval[1])
+        train = topk_accuracy(predict(data.fit[0][i]), data.fit[1])
+    chosen = {"lr": setting} if p.solver == "adamw" else {**setting, "iterations": predict.iterations}
+    return {**test, "train_top1": train["top1"], "block": data.block_name(i), "solver": p.solver, **chosen,
+            "holdout": rows, "train_samples": len(data.fit[1]), "eval_samples": len(data.eval[1]),
             "feature_dim": data.eval[0].shape[-1]}
 
 
@@ -247,7 +258,8 @@ def linear_probe(params: Params, verify: bool = False) -> dict:
     metrics = fit_linear_scored(params, probe_data(params, verify=verify))
     if params.probe.pixel_reference:
         pixels = fit_linear_scored(params, probe_data(params, pixels=True))
-        metrics |= {"pixels_top1": pixels["top1"], "pixels_lr": pixels["lr"]}
+        metrics |= {"pixels_top1": pixels["top1"],
+                    **{f"pixels_{k}": pixels[k] for k in ("lr", "l2", "whiten") if k in pixels}}
     write_json(params.outputs.linear_probe.metrics, metrics)
     return metrics
 

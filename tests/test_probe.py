@@ -46,7 +46,7 @@ def test_linear_probe_learns_separable_features():
 
 def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     params = tiny_params(tmp_path, probe={"num_workers": 0, "batch_size": 32, "train_fraction": 0.5, "epochs": 5,
-                                          "block": "auto", "validation": 20, "lrs": [1e-3, 1e-1]},
+                                          "block": "auto", "validation": 20, "lrs": [1e-3, 1e-1], "solver": "adamw"},
                          outputs={"runs": str(tmp_path / "runs"), "linear_probe": {"metrics": "metrics/linear_probe.json"},
                                   "knn": {"metrics": "metrics/knn.json"}})
     make_shards(tmp_path, params, n_train=80, n_test=30)
@@ -79,6 +79,49 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
                                finetune=dataclasses.replace(params.finetune, label_fraction=0.25))
     want = open_labelled(Path(params.outputs.shards) / "train", 0.25, params.seed).num_samples
     assert want != 40 and linear_probe(same)["train_samples"] == want
+
+
+def test_fit_logistic_reaches_the_optimum_of_the_penalised_loss():
+    from stages.convex_probe import fit_logistic
+
+    # overlapping classes (not separable) in 16 correlated dims: an ill-conditioned problem
+    x, y = blobs(60, 5)
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(16, 16, generator=g) @ torch.diag(torch.logspace(0, -3, 16))
+    x = (x * 0.25) @ mix + 5.0
+    for whiten in (False, True):
+        probe = fit_logistic(x, y, 5, l2=1e-3, whiten=whiten, max_iter=500)
+        assert probe.iterations < 500  # converged before the cap
+        z = probe.features(x)
+        w = probe.weight.clone().requires_grad_()
+        b = probe.bias.clone().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5e-3 * (w * w).sum()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        assert gw.abs().max() < 1e-5 and gb.abs().max() < 1e-5  # a stationary point of a convex loss
+    # unpenalised, the optimum's predictions do not depend on an invertible linear map of x
+    a = fit_logistic(x, y, 5, l2=0.0, whiten=False, max_iter=1000)
+    b = fit_logistic(x, y, 5, l2=0.0, whiten=True, max_iter=1000)
+    assert (a(x).argmax(1) == b(x).argmax(1)).float().mean() > 0.97
+    assert topk_accuracy(a(x), y)["top1"] > 0.8
+
+
+def test_lbfgs_probe_stage_chooses_l2_and_whitening_on_the_holdout(tmp_path, monkeypatch):
+    params = tiny_params(tmp_path, probe={"num_workers": 0, "batch_size": 32, "train_fraction": 0.5,
+                                          "block": "auto", "validation": 20, "l2s": [1e-3, 1e-1],
+                                          "whiten": [False, True], "max_iter": 50},
+                         outputs={"runs": str(tmp_path / "runs"), "linear_probe": {"metrics": "metrics/linear_probe.json"},
+                                  "knn": {"metrics": "metrics/knn.json"}})
+    assert params.probe.solver == "lbfgs"  # the default
+    make_shards(tmp_path, params, n_train=80, n_test=30)
+    save_stand_in_encoder(params, seed=0, depth=2)
+    monkeypatch.chdir(tmp_path)
+    lp = linear_probe(params)
+    settings = [{"l2": l2, "whiten": w} for w in (False, True) for l2 in (1e-3, 1e-1)]
+    assert [(r["block"], r["setting"]) for r in lp["holdout"]] == [(b, s) for b in (1, 2) for s in settings]
+    best = max(lp["holdout"], key=lambda r: r["top1"])  # ties: the first
+    assert (lp["block"], {"l2": lp["l2"], "whiten": lp["whiten"]}) == (best["block"], best["setting"])
+    assert lp["solver"] == "lbfgs" and 1 <= lp["iterations"] <= 50 and "lr" not in lp
+    assert {"l2": lp["pixels_l2"], "whiten": lp["pixels_whiten"]} in settings and 0.0 <= lp["pixels_top1"] <= 1.0
 
 
 def test_choose_prefers_the_block_that_separates_on_the_holdout():
