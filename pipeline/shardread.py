@@ -336,7 +336,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
         except ValueError:
             pass  # CMYK/YCCK JPEGs: libjpeg-turbo cannot convert them to RGB; PIL can
-    elif _plain_png(data):
+    elif is_plain_png(data):
         try:
             return _decode_plain_png(data)
         except RuntimeError:
@@ -352,7 +352,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _plain_png(data: bytes) -> bool:
+def is_plain_png(data: bytes) -> bool:
     """An 8-bit grey or RGB PNG without transparency (the bundled default's kind): lossless,
     so libpng's decode is the same pixels as PIL's + `pil_rgb`. Other PNGs (palette, alpha,
     16-bit, tRNS) keep PIL and its RGB normalisation."""

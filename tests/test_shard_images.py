@@ -162,7 +162,7 @@ def test_decode_rgb_png_fast_path_same_pixels_as_pil(monkeypatch):
     """8-bit grey/RGB PNGs decode through libpng (torchvision), the rest through PIL; both
     must give what PIL + pil_rgb gives, and a corrupt PNG still fails with ValueError."""
     from pipeline import shardread
-    from pipeline.shardread import _plain_png, pil_rgb
+    from pipeline.shardread import is_plain_png, pil_rgb
 
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (28, 28), dtype=np.uint8)
@@ -181,7 +181,7 @@ def test_decode_rgb_png_fast_path_same_pixels_as_pil(monkeypatch):
         "1-bit": (encode(Image.fromarray(grey > 127), "PNG"), False),
     }
     for name, (data, fast) in cases.items():
-        assert _plain_png(data) is fast, name
+        assert is_plain_png(data) is fast, name
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             want = pil_rgb(im)
@@ -195,7 +195,7 @@ def test_decode_rgb_png_fast_path_same_pixels_as_pil(monkeypatch):
     monkeypatch.undo()
     data = cases["grey"][0]
     cut = data[: data.index(b"IDAT") + 20]  # a plain PNG header, its pixel data cut short
-    assert _plain_png(cut)
+    assert is_plain_png(cut)
     with pytest.raises(ValueError):
         decode_rgb(cut)
 
