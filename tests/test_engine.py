@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from model import engine
 from model.beit import create_model
 from model.engine import Dist, Stepper
 from model.schema import OptimConfig
@@ -20,7 +21,8 @@ def loss_fn(net, b):
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_steps_reduce_the_loss(amp):
+def test_steps_reduce_the_loss(amp, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)  # bf16 kernels even where they are emulated
     torch.manual_seed(0)
     stepper = Stepper(create_model("micro", vocab_size=32, depth=2), OptimConfig(lr=3e-3, amp=amp), Dist())
     first = stepper.step([batch()], loss_fn)
@@ -50,3 +52,22 @@ def test_accumulation_equals_one_big_batch():
 def test_fp16_without_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="amp=fp16 needs a GPU"):
         Stepper(create_model("micro", vocab_size=32, depth=1), OptimConfig(amp="fp16"), Dist())
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_fp32_and_says_so(monkeypatch, capsys):
+    """Emulated bf16 is ~11x slower than fp32 on an AVX2 CPU: such a run falls back to fp32, in
+    one warning line, and then steps exactly as amp none does."""
+    def run(amp):
+        torch.manual_seed(0)
+        s = Stepper(create_model("micro", vocab_size=32, depth=2), OptimConfig(lr=3e-3, amp=amp), Dist())
+        return s, [s.step([batch(i)], loss_fn)["loss"] for i in range(3)]
+
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
+    fallback, losses = run("bf16")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert fallback.amp == "none" and len(err) == 1 and "optim.amp: bf16" in err[0] and "fp32" in err[0]
+    assert losses == run("none")[1]
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
+    native, _ = run("bf16")
+    assert native.amp == "bf16" and not capsys.readouterr().err
+    assert isinstance(native.autocast(), torch.autocast)
