@@ -323,7 +323,9 @@ def test_truncated_run_checkpoint_falls_back_to_the_previous_one(copy, capsys):
     weights.write_bytes(weights.read_bytes()[:1000])
     capsys.readouterr()
     metrics = pretrain(params)
-    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    # the bf16 fallback's line (model/engine.py) depends on the CPU, not on the checkpoint
+    warning = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("warning:") and not line.startswith("warning: optim.amp:")]
     assert len(warning) == 1
     assert warning[0].startswith(f"warning: {newest}: unreadable checkpoint (optim.safetensors: not a valid "
                                  "safetensors file: Error while deserializing header")
