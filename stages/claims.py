@@ -53,16 +53,35 @@ def variant_of(row: dict) -> Optional[tuple]:
         return None
 
 
+# Every metric field of a row, with the stage that writes it: the unit of pooling (a metric's
+# recipe is its stage's, stages/recipe.py) and of merging rows of one (variant, seed) below.
+METRIC_FIELDS = {"finetune_top1": "finetune", "scratch_top1": "scratch", "linear_probe_top1": "linear_probe",
+                 "linear_probe_pixels": "linear_probe", "knn_top1": "knn", "knn_pixels": "knn",
+                 "mim_acc": "pretrain", "segment_miou": "segment", "attention_pretrain": "visualize",
+                 "attention_random": "visualize", "attention_finetune": "visualize"}
+
+
 def by_variant(rows: list[dict]) -> dict[tuple, dict[int, dict]]:
-    """{variant: {seed: row}}; the first row of each (variant, seed) wins, the workspace
-    row only when nothing committed has that pair (it may hold uncommitted changes)."""
+    """{variant: {seed: row}}, one merged row per (variant, seed): each metric from the first row
+    that has it. Rows arrive pooled (stages/report.py `same_recipe`): every metric left in a row
+    ran this recipe's upstream, so one seed's fine-tuning from a full run and its probe from a
+    later probe-only rerun (`dvc repro linear-probe` after a probe change) are the same seed's
+    numbers. Committed rows only merge with committed rows; the workspace row counts only when
+    nothing committed has that pair (it may hold uncommitted changes)."""
     out: dict[tuple, dict[int, dict]] = {}
-    ordered = [r for r in rows if r.get("kind") != "workspace"] + [r for r in rows if r.get("kind") == "workspace"]
-    for r in ordered:
-        v, seed = variant_of(r), r.get("seed")
-        if v is None or seed is None or r.get("error") or r.get("finetune_top1") is None:
-            continue
-        out.setdefault(v, {}).setdefault(int(seed), r)
+    committed = [r for r in rows if r.get("kind") != "workspace"]
+    workspace = [r for r in rows if r.get("kind") == "workspace"]
+    for group, may_merge in ((committed, True), (workspace, False)):
+        for r in group:
+            v, seed = variant_of(r), r.get("seed")
+            if v is None or seed is None or r.get("error") or all(r.get(f) is None for f in METRIC_FIELDS):
+                continue
+            seeds = out.setdefault(v, {})
+            have = seeds.get(int(seed))
+            if have is None:
+                seeds[int(seed)] = dict(r)
+            elif may_merge and have.get("kind") != "workspace":
+                have.update({f: r[f] for f in METRIC_FIELDS if have.get(f) is None and r.get(f) is not None})
     return out
 
 
@@ -120,9 +139,9 @@ def judge(rows: list[dict]) -> list[dict]:
     t = paired_t(d)
     out.append({"claim": "pretraining beats training from scratch", "gap": d["mean"], "gap_sd": d["sd"],
                 "n": (d["n"], d["n"]), "t": t, "verdict": verdict(t, d["n"], d["n"]), "paper_gap": PAPER_SCRATCH_GAP})
-    a = spread([r["finetune_top1"] for r in base.values()])
+    a = spread([r["finetune_top1"] for r in base.values() if r.get("finetune_top1") is not None])
     for claim, variant, paper_gap in CLAIMS:
-        b = spread([r["finetune_top1"] for r in groups.get(variant, {}).values()])
+        b = spread([r["finetune_top1"] for r in groups.get(variant, {}).values() if r.get("finetune_top1") is not None])
         t = welch_t(a, b)
         gap = None if a["mean"] is None or b["mean"] is None else a["mean"] - b["mean"]
         gap_sd = (math.sqrt(a["sd"] ** 2 + b["sd"] ** 2) if a["sd"] is not None and b["sd"] is not None else None)

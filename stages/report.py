@@ -25,7 +25,7 @@ import click
 import yaml
 
 from pipeline.atomic import atomic_file, atomic_write
-from stages.claims import DEFAULT, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, floors, judge, spread, summary, variant_of
+from stages.claims import DEFAULT, METRIC_FIELDS, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, floors, judge, spread, summary, variant_of
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
@@ -35,12 +35,6 @@ from stages.seg_report import segmentation_section
 from stages.vis_report import visualize_section
 
 EXP_PARAMS = ("mask_ratio", "masking", "target", "seed")  # top-level keys `dvc exp run -S` overrides
-# row field -> the metric (params.outputs name) whose per-metric recipe decides whether it pools
-METRIC_FIELDS = {"finetune_top1": "finetune", "scratch_top1": "scratch", "linear_probe_top1": "linear_probe",
-                 "linear_probe_pixels": "linear_probe", "knn_top1": "knn", "knn_pixels": "knn",
-                 "mim_acc": "pretrain", "segment_miou": "segment", "attention_pretrain": "visualize",
-                 "attention_random": "visualize", "attention_finetune": "visualize"}
-
 
 def metric_sources(params: Any) -> dict[str, Optional[str]]:
     """name -> metric JSON path each stage writes (None: this pipeline has no such path).
@@ -491,8 +485,10 @@ def seed_panel(ax, groups: dict[tuple, dict[int, dict]]) -> None:
     baseline the same way, and the raw-pixel linear probe as a band: the differences that
     matter here are ~1 point, so the axis is fitted to the data, not started at 0."""
     order = sorted(groups, key=lambda v: (v != DEFAULT, v))
-    entries = [(f"{m}\n{t}\n{_fmt(r)}", [s["finetune_top1"] for s in groups[(m, t, r)].values()],
+    entries = [(f"{m}\n{t}\n{_fmt(r)}", [s["finetune_top1"] for s in groups[(m, t, r)].values()
+                                          if s.get("finetune_top1") is not None],
                 "C0" if (m, t, r) == DEFAULT else "C4") for m, t, r in order]
+    entries = [e for e in entries if e[1]]  # a variant whose seeds ran frozen-feature stages only
     base = groups.get(DEFAULT, {})
     scratch = [s["scratch_top1"] for s in base.values() if s.get("scratch_top1") is not None]
     if scratch:

@@ -91,3 +91,32 @@ def test_segmentation_orderings_over_seeds():
     md = "\n".join(segmentation_section(rows, {"init": "pretrain", "miou": 0.41, "pixel_acc": 0.9}))
     assert "| pretrain | 0, 1, 2 | 41.00 ± 1.00 | 45.6 (BEiT (self-supervised)) |" in md
     assert judge_segmentation(rows[:2])[0]["verdict"] == "needs 3 seeds"
+
+
+def test_a_probe_only_rerun_fills_its_seeds_metrics_and_the_first_row_keeps_its_own():
+    """A seed's fine-tuning from a full run and its probe from a later `dvc repro linear-probe`
+    (after a probe change) merge into one row; values already present are never overwritten."""
+    full = [row(seed=s, ft=86.0 + s, sc=83.0) for s in range(3)]
+    probe_only = [{**row(seed=s), "finetune_top1": None, "scratch_top1": None, "knn_top1": None,
+                   "knn_pixels": None, "linear_probe_top1": 85.0 + s, "linear_probe_pixels": 82.0} for s in range(3)]
+    # the probe-only rows come first (whole recipe), the full runs' rows after (their probe blanked)
+    pooled = probe_only + [{**r, "linear_probe_top1": None, "linear_probe_pixels": None} for r in full]
+    seeds = by_variant(pooled)[("block", "tokens", 0.4)]
+    assert [seeds[s]["finetune_top1"] for s in range(3)] == [86.0, 87.0, 88.0]
+    assert [seeds[s]["linear_probe_top1"] for s in range(3)] == [85.0, 86.0, 87.0]
+    assert seeds[0]["knn_top1"] == 55.0 and seeds[0]["linear_probe_pixels"] == 82.0
+    probe = {c["claim"]: c for c in floors(pooled)}["the linear probe clears the raw-pixel linear probe"]
+    assert probe["n"] == 3 and probe["gap"] == 4.0 and probe["verdict"] == "clears the floor"
+    claims = {c["claim"]: c for c in judge(pooled)}
+    assert claims["pretraining beats training from scratch"]["n"] == (3, 3)
+    # a first row that has the metric keeps it: the later row only fills gaps
+    both = [row(seed=0, ft=80.0), row(seed=0, ft=70.0)]
+    assert by_variant(both)[("block", "tokens", 0.4)][0]["finetune_top1"] == 80.0
+
+
+def test_probe_only_seeds_do_not_enter_the_fine_tuning_claims():
+    rows = [{**row(seed=s), "finetune_top1": None, "scratch_top1": None} for s in range(3)]
+    claims = {c["claim"]: c for c in judge(rows)}
+    assert claims["blockwise beats random masking"]["n"][0] == 0
+    assert by_variant(rows)[("block", "tokens", 0.4)][2]["linear_probe_top1"] == 60.0
+    assert "60.00 ± 0.00" in "\n".join(claims_section(rows))  # the probe's mean over the 3 seeds
