@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import sys
 from typing import Callable, Optional
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from model.cpu import cpu_has_fast_bf16
 from model.optim import lr_at, param_groups
 from model.schema import OptimConfig
 
@@ -56,25 +56,16 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX512 / AMX on x86, bf16 on Arm). Without
-    them bf16 autocast is emulated: on a 2-core AVX2 EPYC a micro MIM step ran 11x slower than
-    fp32 (bench/amp.py: 15.1 against 1.4 s at 28 px), against 1.49x faster with AVX512-BF16."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without oneDNN's check: judge by the ISA
-        return torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
-def effective_amp(amp: str, device: torch.device) -> str:
+def effective_amp(amp: str, device: torch.device, announce: bool = True) -> str:
     """The autocast mode a run really uses: `bf16` on a CPU without bf16 kernels trains in fp32
     (`none`), announced in one line, rather than an order of magnitude slower. The choice does not
-    reach any output name or recipe: on a CPU with the kernels nothing changes."""
+    reach any output name or recipe: on a CPU with the kernels nothing changes. `announce`: only
+    rank 0 of a CPU DDP run says it, once for the run, not once a process."""
     if amp == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        print(f"warning: optim.amp: bf16 has no native kernels on this CPU "
-              f"({torch.backends.cpu.get_cpu_capability()}; emulated bf16 ran ~11x slower than fp32), "
-              "so this run trains in fp32; set amp: none to make that explicit", file=sys.stderr, flush=True)
+        if announce:
+            print(f"warning: optim.amp: bf16 has no native kernels on this CPU "
+                  f"({torch.backends.cpu.get_cpu_capability()}; emulated bf16 ran ~11x slower than fp32), "
+                  "so this run trains in fp32; set amp: none to make that explicit", file=sys.stderr, flush=True)
         return "none"
     return amp
 
@@ -93,7 +84,7 @@ class Stepper:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
         if cfg.amp == "fp16" and env.device.type != "cuda":
             raise ValueError("amp=fp16 needs a GPU (its GradScaler); use amp=bf16 or none on CPU")
-        self.amp = effective_amp(cfg.amp, env.device)  # what autocast() applies
+        self.amp = effective_amp(cfg.amp, env.device, announce=env.main)  # what autocast() applies
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
         net = self.model
         if env.world > 1:

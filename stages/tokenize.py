@@ -16,12 +16,13 @@ import click
 import numpy as np
 import torch
 
+from model.cpu import cpu_has_fast_bf16
 from pipeline.dask_runner import dask_client, run_per_shard, worker_device
 from pipeline.fingerprint import index_fingerprint, json_fingerprint
 from pipeline.shardread import check_shards, index_file, read_index, shard_keys
 from pipeline.tokenize import tokenize_shard
 from pipeline.tokens import StoreSpec, TokenStoreMismatch, create_or_open, store_path, write_index
-from pipeline.schema import ViewConfig
+from pipeline.schema import ClusterConfig, ViewConfig
 from pipeline.views import View
 from stages.config import ConfigError, Params, TokenizeConfig, load_params
 from stages.errors import one_line_errors
@@ -80,6 +81,13 @@ def _task(s: int, *, shard_dir: str, token_out: str, split: str, fmt: str, spec:
     return {"shard": s, "images": len(out_keys), "seconds": time.perf_counter() - start}
 
 
+def bf16_emulated_here(precision: str, cluster: ClusterConfig) -> bool:
+    """bf16 tokenization on this machine's CPU without bf16 kernels; a remote scheduler's workers
+    run on CPUs this process cannot see, so they are not judged here."""
+    return (precision == "bf16" and cluster.device == "cpu" and cluster.scheduler is None
+            and not cpu_has_fast_bf16())
+
+
 def tokenize(params: Params, split: str, replace_stale: bool = False, verify: bool = False) -> dict:
     """Tokenize every shard of `split` not yet done with the tokenizer in
     outputs.tokenizer.dir, on tokenize.cluster; returns a summary.
@@ -121,6 +129,12 @@ def tokenize(params: Params, split: str, replace_stale: bool = False, verify: bo
         store = create_or_open(out, split, cfg.format, spec)
     done = store.done()
     todo = [s for s in range(len(shards)) if s not in done]
+    if todo and bf16_emulated_here(cfg.precision, cluster):
+        # Unlike the trainer's autocast, not a silent fallback to fp32: bf16 ids are what the
+        # store's fingerprint says it holds, so the user's choice stands and is only flagged.
+        click.echo(f"warning: tokenize.precision: bf16 has no native kernels on this CPU "
+                   f"({torch.backends.cpu.get_cpu_capability()}), so it runs emulated, slower than fp32; "
+                   "set tokenize.precision: fp32", err=True)
     start = time.perf_counter()
     if todo:
         with dask_client(cluster) as client:

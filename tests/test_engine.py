@@ -71,3 +71,12 @@ def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_fp32_and_says_so(monkeypat
     native, _ = run("bf16")
     assert native.amp == "bf16" and not capsys.readouterr().err
     assert isinstance(native.autocast(), torch.autocast)
+
+
+def test_only_rank_0_announces_the_bf16_fallback(monkeypatch, capsys):
+    """Under CPU DDP every rank falls back; one line for the run, not one per process."""
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
+    other = Stepper(create_model("micro", vocab_size=32, depth=2), OptimConfig(amp="bf16"), Dist(rank=1))
+    assert other.amp == "none" and not capsys.readouterr().err
+    assert engine.effective_amp("bf16", torch.device("cpu"), announce=True) == "none"
+    assert "optim.amp: bf16" in capsys.readouterr().err

@@ -48,3 +48,22 @@ def test_bf16_store_is_fingerprinted_apart_from_fp32(setup, monkeypatch):
     bf16 = open_tokens(store_path(tmp / "bf16", "test", "zarr")).spec.fingerprints
     fp32 = open_tokens(store_path(tmp / "fp32", "test", "zarr")).spec.fingerprints
     assert bf16.get("precision") == "bf16" and "precision" not in fp32  # today's stores keep their fingerprints
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_keeps_bf16_and_warns_once(setup, monkeypatch, capsys):
+    """The store's fingerprint says bf16, so the ids stay bf16 ones; the user hears, in one line,
+    that this CPU emulates it (an order of magnitude slower than fp32 on an AVX2 EPYC)."""
+    import stages.tokenize as stage
+    tmp, params = setup
+    monkeypatch.setattr(tokenizer_mod, "BF16_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(stage, "cpu_has_fast_bf16", lambda: False)
+    tokenize(with_precision(params, tmp, "emulated", "bf16"), "test")
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and "tokenize.precision: bf16" in warnings[0] and "fp32" in warnings[0]
+    spec = open_tokens(store_path(tmp / "emulated", "test", "zarr")).spec
+    assert spec.fingerprints.get("precision") == "bf16"
+    tokenize(with_precision(params, tmp, "emulated", "bf16"), "test")  # nothing left to do: no warning
+    assert "warning:" not in capsys.readouterr().err
+    cluster = dataclasses.replace(params.tokenize.cluster, scheduler="tcp://elsewhere:8786")
+    assert not stage.bf16_emulated_here("bf16", cluster)  # remote workers' CPUs are not this one's
+    assert not stage.bf16_emulated_here("fp32", params.tokenize.cluster)
