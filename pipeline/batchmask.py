@@ -24,6 +24,7 @@ This module imports numpy only.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -33,6 +34,7 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GROW = 1 << 40  # counters of the tail growth start here, far past any placement attempt
+_ATTEMPTS = 16  # placement attempts whose uniforms are drawn in one call
 
 
 def uniforms(streams: np.ndarray, counter: int, n: int) -> np.ndarray:
@@ -73,21 +75,31 @@ def block_masks(streams: np.ndarray, grid: tuple[int, int], num_masked: int, min
 
 
 def _place(streams, mask, count, target, min_block, max_block, min_aspect, tries) -> None:
-    """Algorithm 1 over the batch, in place: one attempt per active sample per step."""
+    """Algorithm 1 over the batch, in place: one attempt per active sample per step.
+
+    The masks live as bitboards while blocks are placed (uint64 [B, words], cell r * w + c
+    at bit (r * w + c) % 64 of word (r * w + c) // 64) and a block is the AND of two bands,
+    so an attempt costs a handful of ops on [A, words] instead of [A, h, w] boolean grids;
+    the uniforms are computed 16 attempts at a time. Same draws, same masks as attempt-by-
+    attempt boolean grids (tests/test_batchmask.py pins them); speed: bench/README.md."""
     b, gh, gw = mask.shape
+    row_bands, col_bands = _band_tables(gh, gw)  # uint64 [gh, gh+1, words], [gw, gw+1, words]
+    words = np.zeros((b, row_bands.shape[-1]), dtype=np.uint64)  # [B, words]
     log_lo = math.log(min_aspect)
     log_span = -2.0 * log_lo
-    rows, cols = np.arange(gh), np.arange(gw)
     fails = np.zeros(b, dtype=np.int64)  # [B] failed attempts since the last placed block
     live = np.arange(b)  # samples still placing blocks
+    u_all = np.empty((b, 0))  # [B, 4 * attempts drawn so far]
     step = 0
     while True:
         budget = np.minimum(target - count[live], max_block)  # [A] patches the next block may add
         keep = (budget >= min_block) & (fails[live] < tries)
         live, budget = live[keep], budget[keep]
         if len(live) == 0:
-            return
-        u = uniforms(streams[live], 4 * step, 4)  # [A, 4]: area, aspect, top, left
+            break
+        if u_all.shape[1] < 4 * (step + 1):  # uniform j of attempt t is SplitMix64 output 4t + j + 1
+            u_all = np.hstack([u_all, uniforms(streams, u_all.shape[1], 4 * _ATTEMPTS)])
+        u = u_all[live, 4 * step:4 * step + 4]  # [A, 4]: area, aspect, top, left
         step += 1
         area = min_block + (budget - min_block) * u[:, 0]
         aspect = np.exp(log_lo + log_span * u[:, 1])
@@ -96,17 +108,42 @@ def _place(streams, mask, count, target, min_block, max_block, min_aspect, tries
         fits = (h <= gh) & (w <= gw)
         top = np.floor(u[:, 2] * np.maximum(gh - h + 1, 1)).astype(np.int64)  # uniform in [0, gh - h]
         left = np.floor(u[:, 3] * np.maximum(gw - w + 1, 1)).astype(np.int64)
-        in_r = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # [A, gh]
-        in_c = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # [A, gw]
-        rect = in_r[:, :, None] & in_c[:, None, :]  # [A, gh, gw]
-        sub = mask[live]  # [A, gh, gw] (a copy)
-        new = (rect & ~sub).sum(axis=(1, 2))  # [A] cells the block would add
+        # a block that does not fit looks up clipped bands at 0: valid indices, rejected by `fits`
+        rect = row_bands[top, np.minimum(h, gh)] & col_bands[left, np.minimum(w, gw)]  # [A, words]
+        sub = words[live]  # [A, words] (a copy)
+        new = np.bitwise_count(rect & ~sub).sum(axis=1, dtype=np.int64)  # [A] cells the block would add
         ok = fits & (new > 0) & (new <= budget)  # adds something, never overshoots the target
         placed = live[ok]
-        mask[placed] = sub[ok] | rect[ok]
+        words[placed] = sub[ok] | rect[ok]
         count[placed] += new[ok]
         fails[placed] = 0
         fails[live[~ok]] += 1
+    bits = np.unpackbits(words.astype("<u8").view(np.uint8), axis=1, bitorder="little")  # [B, 64 * words]
+    mask |= bits[:, :gh * gw].reshape(b, gh, gw).astype(bool)
+
+
+@functools.lru_cache(maxsize=8)
+def _band_tables(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bitboards (uint64 [..., words]) of bands of the grid: rows [gh, gh+1, words], where
+    rows[t, h] holds every cell of rows t .. t+h-1, and cols [gw, gw+1, words] likewise for
+    columns. A block is rows[top, h] & cols[left, w]: tables of a few KB at any grid size
+    (one bitboard per block would take 1.4 MB at 14x14 and 140 MB at 32x32)."""
+    nwords = -(-(gh * gw) // 64)
+
+    def pack(cells: np.ndarray) -> np.ndarray:  # bool [..., gh, gw] -> uint64 [..., words]
+        flat = np.zeros((*cells.shape[:-2], 64 * nwords), dtype=bool)
+        flat[..., :gh * gw] = cells.reshape(*cells.shape[:-2], gh * gw)
+        return np.ascontiguousarray(np.packbits(flat, axis=-1, bitorder="little")).view("<u8").astype(np.uint64)
+
+    rows = np.zeros((gh, gh + 1, gh, gw), dtype=bool)  # [top, h, row, col]
+    cols = np.zeros((gw, gw + 1, gh, gw), dtype=bool)  # [left, w, row, col]
+    for t in range(gh):
+        for h in range(gh + 1):
+            rows[t, h, t:t + h] = True
+    for t in range(gw):
+        for w in range(gw + 1):
+            cols[t, w, :, t:t + w] = True
+    return pack(rows), pack(cols)
 
 
 def _grow(streams, flat, remaining, grid) -> None:
@@ -141,24 +178,27 @@ def _grow(streams, flat, remaining, grid) -> None:
     # flat views: one 1-D fancy index per update is ~2x faster than (row, col) pairs
     taken1, nb1, weight1 = taken.reshape(-1), nb.reshape(-1), weight.reshape(-1)
     left = remaining[live].copy()  # [A]
+    u_all = uniforms(streams[live], _GROW, int(left.max()))  # [A, max picks]: pick s uses column s
+    around = np.array([-1, 1, -W, W])  # the 4 neighbours' offsets; the frame absorbs a step outside
     step = 0
     while True:
         act = np.flatnonzero(left > 0)
         if len(act) == 0:
             break
         acc = np.cumsum(weight[act], axis=1)  # [a, (h+2)(w+2)]
-        u = uniforms(streams[live[act]], _GROW + step, 1)[:, 0]  # [a]
+        u = u_all[act, step]  # [a]
         step += 1
         # A non-empty, non-full mask has a border cell, so the total is > 0.
         r = np.minimum((u * acc[:, -1]).astype(np.int64), acc[:, -1] - 1)  # [a] in [0, total)
         at = act * size + (acc > r[:, None]).argmax(axis=1)  # [a] flat index of the first cell past r
         taken1[at] = True
         weight1[at] = 0
-        for d in (-1, 1, -W, W):
-            q = at + d  # inside the sample's row: picks are inner cells, the frame absorbs the step
-            nb1[q] += 1
-            q = q[~taken1[q]]
-            weight1[q] = nb1[q] * nb1[q]
+        # [a * 4] cells next to the picks, all distinct (other samples' cells lie in other rows),
+        # so one fancy-indexed update does what one per direction did
+        q = (at[:, None] + around).reshape(-1)
+        nb1[q] += 1
+        q = q[~taken1[q]]
+        weight1[q] = nb1[q] * nb1[q]
         left[act] -= 1
     inner = taken.reshape(len(live), gh + 2, W)[:, 1:-1, 1:-1]  # [A, h, w]
     flat[live] = inner.reshape(len(live), n)
