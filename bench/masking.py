@@ -1,6 +1,8 @@
 """Masks per second: our blockwise/random generators beside the unilm reference.
 
     .venv/bin/python bench/masking.py
+    .venv/bin/python bench/masking.py --against F   # batched masks beside F, another revision's
+                                                    # pipeline/batchmask.py (git show REV:pipeline/batchmask.py > F)
 
 The reference (unilm beit/masking_generator.py, np.int -> bool, `random` module)
 is copied below only to compare speed and show its shortfall: it returns fewer
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 
 import numpy as np
@@ -113,5 +116,37 @@ def main(n: int = 3000) -> None:
     print(f"reference 14x14 target 10 (< min 16): empty masks {np.mean(np.array(counts) == 0):.0%}")
 
 
+def against(path: str, rounds: int = 5, n: int = 5120) -> None:
+    """Batched block masks of this checkout beside those of another revision's
+    pipeline/batchmask.py (`git show REV:pipeline/batchmask.py > F`), interleaved rounds in one
+    process, batches of 128 (what the loader calls); checks that both draw the same masks."""
+    import importlib.util
+    import statistics
+
+    from pipeline import batchmask
+    from pipeline.masking import default_min_block, num_masked_for
+
+    spec = importlib.util.spec_from_file_location("batchmask_other", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    for grid in [(7, 7), (8, 8), (14, 14)]:
+        k, mb = num_masked_for(grid, 0.4), default_min_block(grid)
+        ids = np.random.default_rng(1).integers(0, 2**63, n, dtype=np.uint64)
+        same = all((batchmask.block_masks(ids[i:i + 128], grid, k, mb) ==
+                    other.block_masks(ids[i:i + 128], grid, k, mb)).all() for i in range(0, n, 128))
+        rates: dict[str, list[float]] = {"this": [], "other": []}
+        for r in range(rounds):
+            for name in (("this", "other") if r % 2 == 0 else ("other", "this")):
+                mod = batchmask if name == "this" else other
+                rates[name].append(n / timed(lambda: [mod.block_masks(ids[i:i + 128], grid, k, mb)
+                                                      for i in range(0, n, 128)]))
+        this, that = statistics.median(rates["this"]), statistics.median(rates["other"])
+        print(f"batched block {grid[0]:>2}x{grid[1]:<2} target {k:3d}: this {1e6 / this:6.1f} us/mask, "
+              f"{path} {1e6 / that:6.1f} us/mask: {this / that:.2f}x; same masks: {same}")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--against":
+        against(sys.argv[2])
+    else:
+        main()
