@@ -171,6 +171,32 @@ def test_batches_equal_the_legacy_loader(world, kind):
     assert "mask" not in a[0]
 
 
+@pytest.mark.parametrize("draw", ["per-sample", "batched"])
+def test_masks_drawn_per_shard_equal_masks_drawn_per_batch(world, draw):
+    """MIMDataset draws a shard's masks when its tokens are read (512 keys a call); a mask is a
+    function of (seed, epoch, key) only, so a batch gets the masks it would get drawn alone."""
+    from pipeline.mim import MASK_CHUNK, attach_tokens
+    from pipeline.shardread import tar_samples
+    from pipeline.tokens import open_tokens
+
+    _, params, split = world
+    gen = MaskGenerator((8, 8), MaskingConfig(kind="block", mask_ratio=0.4, draw=draw))
+    ds = MIMDataset(split, LoaderConfig(num_workers=0), 32, gen, params.seed)
+    ds.set_epoch(3)
+    urls = [str(split.shard_dir / s) for s in split.shards]
+    store = open_tokens(split.token_path)
+    shard = list(attach_tokens(tar_samples(urls), store, split.shards, masks=ds._masks))
+    alone = list(attach_tokens(tar_samples(urls), store, split.shards))
+    assert all("__mask__" in s for s in shard) and not any("__mask__" in s for s in alone)
+    for i in range(0, len(shard) - 15, 16):
+        x, y = ds.make_batch(shard[i:i + 16]), ds.make_batch(alone[i:i + 16])
+        assert torch.equal(x["mask"], y["mask"]) and x["mask"].sum(1).eq(gen.num_masked).all()
+    # calls of MASK_CHUNK keys: a split key list gives the same rows
+    keys = [s["__key__"] for s in alone] * (MASK_CHUNK // len(alone) + 2)
+    whole = ds._masks(keys)
+    assert whole.shape == (len(keys), 64) and (whole == np.concatenate([ds._masks(keys[:7]), ds._masks(keys[7:])])).all()
+
+
 def test_gzip_shards_still_load(world, tmp_path):
     """A shard re-packed by another tool (gzip'ed) reads through the fallback."""
     _, _, split = world
