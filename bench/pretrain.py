@@ -48,7 +48,7 @@ from model.schema import OptimConfig
 from pipeline.fingerprint import index_fingerprint, stable_hash  # noqa: E402
 from pipeline.masking import MaskGenerator  # noqa: E402
 from pipeline.schema import MaskingConfig
-from pipeline.mim import MIMDataset, attach_tokens, open_split  # noqa: E402
+from pipeline.mim import MASK_CHUNK, MIMDataset, attach_tokens, open_split  # noqa: E402
 from pipeline.schema import LoaderConfig  # noqa: E402
 from pipeline.shardread import decode_rgb, image_bytes, tar_samples  # noqa: E402
 from pipeline.stream import batches  # noqa: E402
@@ -293,6 +293,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
                              for k in keys])
     ids = np.array([stable_hash("mask", 0, 0, k) for k in keys], dtype=np.uint64)
     batched_t = timed3(lambda: [batched.keyed(ids[i:i + batch]) for i in range(0, m, batch)])
+    shard_t = timed3(lambda: [batched.keyed(ids[i:i + MASK_CHUNK]) for i in range(0, m, MASK_CHUNK)])
     ref = _legacy().ref_mask if legacy else None
     ref_mask_t = timed3(lambda: [ref(masks, np.random.default_rng(stable_hash("mask", 0, 0, k)))
                                  for k in keys]) if legacy else float("nan")
@@ -310,6 +311,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
                  ("  of which decode+apply_views", dac_t), ("  (decode+apply_view 1 by 1)", da_t),
                  ("  of which block mask + rng", mask_t), ("  (the same, before)", ref_mask_t),
                  (f"  (batched masks, {batch} a call)", batched_t),
+                 (f"  (batched, {MASK_CHUNK} a call: per shard)", shard_t),
                  ("  of which stable_hash (view)", hash_t), ("default_collate", coll_t)):
         print(f"    {k:<32}{t / m * 1e6:8.1f} us")
     return {f"{scale}: loader 1 worker / (d)": med[C1] / limit,
