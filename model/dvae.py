@@ -153,7 +153,7 @@ class DVAE(nn.Module):
         """forward(), plus the argmax codes long [B,h,w] (for usage counts and restarts)."""
         self._check(x)
         logits = self.encoder(x)  # [B,V,h,w]
-        soft = F.gumbel_softmax(logits, tau=temperature, hard=straight_through, dim=1)  # [B,V,h,w]
+        soft = gumbel_softmax(logits, temperature, straight_through)  # [B,V,h,w]
         recon = self.decoder(soft)
         mse = F.mse_loss(recon, x)
         log_q = F.log_softmax(logits, dim=1)
@@ -191,6 +191,32 @@ class DVAE(nn.Module):
         if copy_decoder:
             self.decoder.embed[dead] = self.decoder.embed[owner[picks]]
         return int(dead.numel())
+
+
+def gumbel_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel(0, 1) noise, float32 of `shape`: -log(-log U) with U uniform.
+
+    Why not F.gumbel_softmax's noise (-log of `exponential_()`): on CPU `exponential_` draws one
+    element at a time through a double-precision log on a single thread while the other cores
+    wait: 180 ms of a 755 ms default dVAE step on 2 AVX2 cores. Here only the uniform draw is
+    serial and both logs are vectorised and multi-threaded: 46 ms, the step 1.26x faster and the
+    process at 195% instead of 178% of the 2 cores (bench/dvae_noise.py). U is kept at or above
+    the smallest normal float, so the noise is finite: that cuts the left tail at
+    -log(-log(tiny)) = -4.47, where the Gumbel CDF is exp(-e^4.47) = e^-87.
+    """
+    u = torch.rand(shape, device=device).clamp_min_(torch.finfo(torch.float32).tiny)
+    return u.log_().neg_().log_().neg_()  # log U <= 0 -> -log U > 0 -> log(-log U) -> Gumbel
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool = False, dim: int = 1) -> torch.Tensor:
+    """The relaxed one-hot softmax((logits + g) / tau) along `dim`, g ~ Gumbel(0, 1) (`gumbel_noise`);
+    `hard`: the forward pass is the one-hot of its argmax, the gradient the relaxed sample's
+    (straight-through). Same distribution as F.gumbel_softmax, faster noise."""
+    soft = ((logits + gumbel_noise(logits.shape, logits.device)) / tau).softmax(dim)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
+    return one_hot - soft.detach() + soft
 
 
 def kmeanspp(feats: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor:

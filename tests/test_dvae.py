@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.dvae import DVAE, DVAE_112, kmeanspp
+import math
+
+from model.dvae import DVAE, DVAE_112, gumbel_noise, gumbel_softmax, kmeanspp
 from model.dvae_train import codebook_usage, evaluate_dvae, perplexity, schedule_at, train_dvae
 from model.schema import DVAEConfig, DVAESchedule
 from model.tokenizer import load_tokenizer, save_tokenizer
@@ -54,6 +56,39 @@ def test_loss_backward_reaches_every_parameter():
     loss.backward()
     assert set(stats) >= {"loss", "mse", "kl", "codes_in_batch"} and torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_gumbel_noise_has_the_gumbel_distribution():
+    torch.manual_seed(0)
+    g = gumbel_noise(torch.Size([1_000_000]), torch.device("cpu")).double()  # [N]
+    assert torch.isfinite(g).all()
+    # Gumbel(0, 1): mean = Euler's gamma, variance = pi^2 / 6; sd of the sample mean ~0.0013
+    assert abs(float(g.mean()) - 0.5772156649) < 0.006
+    assert abs(float(g.var()) - math.pi ** 2 / 6) < 0.02
+    # Kolmogorov-Smirnov against the CDF exp(-exp(-x)): the 1% critical value at N = 1e6 is 0.0016
+    x, _ = g.sort()
+    cdf = torch.exp(-torch.exp(-x))
+    n = x.numel()
+    ks = max(float((torch.arange(1, n + 1) / n - cdf).max()), float((cdf - torch.arange(n) / n).max()))
+    assert ks < 0.0016
+
+
+def test_gumbel_softmax_samples_the_softmax_and_hard_passes_soft_gradients():
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0]).log_softmax(0)  # [4]
+    draws = gumbel_softmax(logits.expand(200_000, 4), tau=1.0, hard=True, dim=1)  # [N, 4] one-hot
+    assert set(draws.unique().tolist()) == {0.0, 1.0} and torch.equal(draws.sum(1), torch.ones(200_000))
+    # Gumbel-max: the argmax of logits + noise is a draw from softmax(logits); sd per share < 0.0012
+    assert torch.allclose(draws.mean(0), logits.exp(), atol=0.006)
+    soft = gumbel_softmax(logits.expand(8, 4), tau=0.5, dim=1)  # [8, 4]
+    assert torch.allclose(soft.sum(1), torch.ones(8)) and (soft > 0).all()
+    leaf = torch.zeros(3, 4, requires_grad=True)
+    torch.manual_seed(1)
+    gumbel_softmax(leaf, tau=1.0, hard=True, dim=1)[:, 0].sum().backward()
+    torch.manual_seed(1)
+    relaxed = torch.zeros(3, 4, requires_grad=True)
+    gumbel_softmax(relaxed, tau=1.0, dim=1)[:, 0].sum().backward()
+    assert leaf.grad.abs().sum() > 0 and torch.equal(leaf.grad, relaxed.grad)  # straight-through
 
 
 def test_schedule_anneals_temperature_and_warms_kl():
