@@ -85,6 +85,26 @@ def by_variant(rows: list[dict]) -> dict[tuple, dict[int, dict]]:
     return out
 
 
+def shadowed_workspace(rows: list[dict]) -> list[dict]:
+    """Workspace rows that `by_variant` sets aside although their numbers differ: a committed row
+    of the same (variant, seed) holds other values for a metric both have. After a `dvc repro`
+    whose outputs are not committed yet, the report's "This run" shows them while the means still
+    pool the committed run of that seed; the report says so instead of leaving it to be noticed."""
+    committed: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("kind") != "workspace" and variant_of(r) is not None and r.get("seed") is not None:
+            committed.setdefault((variant_of(r), int(r["seed"])), []).append(r)
+    out = []
+    for r in rows:
+        if r.get("kind") != "workspace" or variant_of(r) is None or r.get("seed") is None:
+            continue
+        for c in committed.get((variant_of(r), int(r["seed"])), []):
+            if any(r.get(f) is not None and c.get(f) is not None and r[f] != c[f] for f in METRIC_FIELDS):
+                out.append(r)
+                break
+    return out
+
+
 def spread(values: list[float]) -> dict:
     """{"n", "mean", "sd"} (sd: sample standard deviation; None below 2 values)."""
     return {"n": len(values), "mean": statistics.fmean(values) if values else None,

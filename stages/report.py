@@ -25,7 +25,8 @@ import click
 import yaml
 
 from pipeline.atomic import atomic_file, atomic_write
-from stages.claims import DEFAULT, METRIC_FIELDS, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, floors, judge, spread, summary, variant_of
+from stages.claims import (DEFAULT, METRIC_FIELDS, METRICS, PAPER_ABLATION, PAPER_HEADLINE, by_variant, floors, judge,
+                           shadowed_workspace, spread, summary, variant_of)
 from stages.config import Params, load_params
 from stages.errors import one_line_errors
 from stages.ledger import read_ledger, record_rows, with_ledger, write_ledger
@@ -405,6 +406,11 @@ def claims_section(rows: list[dict]) -> list[str]:
                      "linear probe (%)", "kNN (%)", "linear probe on pixels (%)", "kNN on pixels (%)"], body)
     lines += ["", "Scratch is one run per seed, on the default variant's row: its stage reads none of "
                   "masking, target or mask_ratio."]
+    for r in shadowed_workspace(rows):
+        lines += ["", f"**Not pooled: the workspace's seed {r['seed']}** ({r.get('masking')}, {r.get('target')}, "
+                      f"mask ratio {_fmt(r.get('mask_ratio'))}) differs from the committed run of that seed, which "
+                      "these means and verdicts use; commit the workspace's outputs (`dvc.lock`, metrics) "
+                      "to pool it instead."]
     lines += ["", "### The paper's claims at this scale", ""]
     body = []
     for c in judge(rows):

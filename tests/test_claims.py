@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from stages.claims import by_variant, floors, judge, spread, verdict, welch_t
+from stages.claims import by_variant, floors, judge, shadowed_workspace, spread, verdict, welch_t
 from stages.report import claims_section
 
 
@@ -43,6 +43,10 @@ def test_judge_pools_seeds_per_variant_and_judges_each_claim():
     text = "\n".join(claims_section(rows))
     assert "80.00 ± 0.50" in text and "**reversed**" in text and "**needs 3 seeds**" in text
     assert "83.00 ± 1.00" in text  # the raw-pixel floor over the seeds, beside the learned numbers
+    # the set-aside workspace differs from the committed seed 0: the report says which numbers it pooled
+    assert shadowed_workspace(rows) == [rows[-1]] and "**Not pooled: the workspace's seed 0**" in text
+    same = [r for r in rows[:-1]] + [dict(rows[0], kind="workspace")]
+    assert shadowed_workspace(same) == [] and "Not pooled" not in "\n".join(claims_section(same))
 
 
 def test_floors_pair_each_learned_number_with_its_own_seeds_pixel_baseline():
