@@ -105,6 +105,38 @@ def test_fit_logistic_reaches_the_optimum_of_the_penalised_loss():
     assert topk_accuracy(a(x), y)["top1"] > 0.8
 
 
+def test_fit_logistic_fits_repeated_columns_once_and_solves_the_full_problem():
+    """A grey image replicated to RGB repeats every pixel: the fit keeps one copy of each
+    (scaled by sqrt(copies)) and must still be the optimum of the problem over all columns."""
+    from stages.convex_probe import distinct_columns, fit_logistic
+
+    x, y = blobs(60, 5, dim=6)
+    x = x * 0.5 + torch.linspace(-1.0, 1.0, 6)
+    full = torch.cat([x, x, x[:, :4]], dim=1)  # columns 0-3 three times, 4-5 twice: [N, 16]
+    columns, copies = distinct_columns(full)
+    assert columns.tolist() == list(range(6)) and copies.tolist() == [3, 3, 3, 3, 2, 2]
+    assert distinct_columns(x)[0] is None  # nothing repeats: the fit is the one it always was
+    l2 = 1e-2
+    probe = fit_logistic(full, y, 5, l2=l2, whiten=False, max_iter=500)
+    assert probe.iterations < 500 and probe.weight.shape == (6, 5)
+    # Expand to one weight per column of `full` (each copy gets v / sqrt(k)) and check that it is a
+    # stationary point of the full, standardised problem, written out here independently.
+    xd = full.double()
+    z = (xd - xd.mean(0)) / xd.std(0)  # [N, 16]
+    group = [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    w = (probe.weight[group] / copies[group, None].sqrt()).requires_grad_()  # [16, 5]
+    b = probe.bias.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    assert gw.abs().max() < 1e-6 and gb.abs().max() < 1e-6
+    assert torch.allclose(probe(full), (z @ w + b).float(), atol=1e-5)  # the same logits
+    # Whitened: the repeats add only null directions, and whitening any column scaling of the same
+    # data differs by a rotation, which L2 and L-BFGS from zero do not see: the fit on x predicts alike.
+    a = fit_logistic(full, y, 5, l2=l2, whiten=True, max_iter=500)
+    c = fit_logistic(x, y, 5, l2=l2, whiten=True, max_iter=500)
+    assert torch.allclose(a(full), c(x), atol=1e-4)
+
+
 def test_lbfgs_probe_stage_chooses_l2_and_whitening_on_the_holdout(tmp_path, monkeypatch):
     params = tiny_params(tmp_path, probe={"num_workers": 0, "batch_size": 32, "train_fraction": 0.5,
                                           "block": "auto", "validation": 20, "l2s": [1e-3, 1e-1],
