@@ -366,8 +366,19 @@ def same_recipe(rows: Optional[list[dict]], recipe: Optional[str],
             whole.append(r)
         elif any(r.get(f) is not None for f in keep):
             partial.append({**r, **{f: None for f in METRIC_FIELDS if f not in keep}})
-    # whole-recipe rows first: the first row of a (variant, seed) is the one judged (claims.by_variant)
-    return whole + partial
+    # whole-recipe rows first: the first row of a (variant, seed) is the one judged (claims.by_variant);
+    # within each, live rows, then the ledger's newest recorded first, so a rerun of a seed under the
+    # same recipe (after a code change that moved its numbers) supersedes the older record
+    return sorted(whole, key=_newest_first) + sorted(partial, key=_newest_first)
+
+
+def _newest_first(row: dict) -> tuple:
+    """Sort key: live rows (never recorded) first in their order, then recorded rows by date, newest
+    first; `sorted` is stable, so rows recorded the same day keep their order."""
+    if not row.get("from_ledger"):
+        return (0, 0)
+    digits = "".join(c for c in str(row.get("recorded") or "") if c.isdigit())  # "2026-12-07" -> 20261207
+    return (1, -int(digits)) if digits else (2, 0)  # undated records last
 
 
 def _pooled_label(row: dict, recipe: Optional[str], recipes: Optional[dict[str, str]]) -> str:

@@ -89,3 +89,25 @@ def test_rows_of_another_recipe_pool_only_their_matching_metrics():
     assert [r["name"] for r in pooled] == ["new", "old"]  # whole-recipe rows first; legacy pools nothing
     assert pooled[1]["scratch_top1"] is None and pooled[1]["finetune_top1"] == 1.0
     assert pooled[0] == rows[2]
+
+
+def test_a_later_record_of_the_same_seed_and_recipe_is_the_one_pooled():
+    """A seed rerun after a code change that moved its numbers (same params, so the same recipe):
+    the newest record is judged, the older one stays in the table but not in the means."""
+    from stages.claims import by_variant
+
+    now = recipes_of(tree(), KEYS)
+    base = {"recipe": "cccccccc", "recipes": now, "seed": 1, "masking": "block", "target": "tokens",
+            "mask_ratio": 0.4, "kind": "experiment", "from_ledger": True,
+            **{f: 1.0 for f in METRIC_FIELDS}}
+    rows = [{**base, "name": "old-s1", "recorded": "2026-12-04", "finetune_top1": 80.0},
+            {**base, "name": "new-s1", "recorded": "2026-12-07", "finetune_top1": 83.0},
+            {**base, "name": "undated", "recorded": None, "finetune_top1": 70.0},
+            {**base, "name": "live", "from_ledger": False, "recorded": None, "seed": 2}]
+    pooled = same_recipe(rows, "cccccccc", now)
+    assert [r["name"] for r in pooled] == ["live", "new-s1", "old-s1", "undated"]
+    (variant,) = by_variant(pooled)
+    assert by_variant(pooled)[variant][1]["finetune_top1"] == 83.0
+    # the same day keeps the ledger's order (sorted is stable): no silent reshuffle
+    same_day = [{**rows[0], "recorded": "2026-12-07"}, rows[1]]
+    assert [r["name"] for r in same_recipe(same_day, "cccccccc", now)] == ["old-s1", "new-s1"]
