@@ -82,22 +82,18 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, whit
     """Features x [N, D], labels y [N] -> the probe minimising mean cross-entropy
     + l2 / 2 * ||W||^2 (bias unpenalised), in float64, from zero weights."""
     columns, copies = distinct_columns(x)
-    if columns is not None:
-        x = x[:, columns]  # [N, D']
-    x = x.double()
-    mean = x.mean(0)  # [D']
-    root = copies.sqrt()  # [D'] all ones where no column repeats
+    kept = (x if columns is None else x[:, columns]).double()  # [N, D']
+    mean = kept.mean(0)  # [D']
+    root = copies.sqrt()  # [D'] all ones where no column repeats (x * 1.0 is x, bit for bit)
     if whiten:  # whiten the distinct columns scaled by sqrt(copies): the full set's spectrum
-        scaled = (x - mean) * root if columns is not None else x - mean  # [N, D']
-        eig, vec = torch.linalg.eigh(torch.cov(scaled.T))  # [D'], [D', D']: ascending, orthonormal columns
-        transform = vec / eig.clamp_min(EIGEN_FLOOR * float(eig[-1].clamp_min(1e-30))).sqrt()  # [D', D']
-        if columns is not None:
-            transform = root[:, None] * transform  # [D', D']: the scaling, applied before the whitening
+        eig, vec = torch.linalg.eigh(torch.cov(((kept - mean) * root).T))  # [D'], [D', D']: ascending, orthonormal
+        floor = EIGEN_FLOOR * float(eig[-1].clamp_min(1e-30))
+        transform = root[:, None] * (vec / eig.clamp_min(floor).sqrt())  # [D', D']: scale, then whiten
     else:
-        transform = root / x.std(0).clamp_min(1e-6)  # [D']
-    probe = LinearProbe(mean, transform, torch.zeros(x.shape[1], classes, dtype=torch.float64),
+        transform = root / kept.std(0).clamp_min(1e-6)  # [D']
+    probe = LinearProbe(mean, transform, torch.zeros(kept.shape[1], classes, dtype=torch.float64),
                         torch.zeros(classes, dtype=torch.float64), 0, columns)
-    z = (x - mean) @ transform if whiten else (x - mean) * transform  # [N, D'] = probe.features on the full x
+    z = probe.features(x)  # [N, D']
     w = probe.weight.requires_grad_()
     b = probe.bias.requires_grad_()
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
