@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from model.beit import create_model  # noqa: E402
 from model.engine import Dist, Stepper  # noqa: E402
 from model.schema import OptimConfig
-from pipeline.fingerprint import index_fingerprint, stable_hash  # noqa: E402
+from pipeline.fingerprint import index_fingerprint, stable_hash, stable_hashes  # noqa: E402
 from pipeline.masking import MaskGenerator  # noqa: E402
 from pipeline.schema import MaskingConfig
 from pipeline.mim import MASK_CHUNK, MIMDataset, attach_tokens, open_split  # noqa: E402
@@ -284,7 +284,8 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     wds_t = timed3(lambda: sum(1 for _ in wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))))
     stream_t = timed3(lambda: sum(1 for _ in attach_tokens(tar_samples(urls), open_tokens(split.token_path),
                                                            split.shards)))
-    raw = list(attach_tokens(tar_samples(urls), open_tokens(split.token_path), split.shards))
+    rows_t = timed3(lambda: sum(1 for _ in ds.attach(tar_samples(urls))))
+    raw = list(ds.attach(tar_samples(urls)))
     m = len(raw)
     made = ds.make_samples([dict(x) for x in raw])
     make_t = timed3(lambda: [ds.make_samples([dict(x) for x in raw[i:i + chunk]]) for i in range(0, m, chunk)])
@@ -298,6 +299,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     ref_mask_t = timed3(lambda: [ref(masks, np.random.default_rng(stable_hash("mask", 0, 0, k)))
                                  for k in keys]) if legacy else float("nan")
     hash_t = timed3(lambda: [stable_hash("view", k) for k in keys])
+    hashes_t = timed3(lambda: stable_hashes(keys, "view"))
     from torch.utils.data import default_collate
 
     coll_t = timed3(lambda: [default_collate(made[i:i + batch]) for i in range(0, m - batch + 1, batch)])
@@ -307,12 +309,14 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
                             for i in range(0, m, chunk)])
     print("  per image, in-process, 1 thread (median of 3 passes each):")
     for k, t in (("tar read (pipeline.shardread)", tar_t), ("tar read (webdataset, before)", wds_t),
-                 ("tar read + attach_tokens", stream_t), ("make_samples (all)", make_t),
+                 ("tar read + attach_tokens", stream_t), ("  + epoch rows (views, grids, masks)", rows_t),
+                 ("make_samples (all)", make_t),
                  ("  of which decode+apply_views", dac_t), ("  (decode+apply_view 1 by 1)", da_t),
                  ("  of which block mask + rng", mask_t), ("  (the same, before)", ref_mask_t),
                  (f"  (batched masks, {batch} a call)", batched_t),
                  (f"  (batched, {MASK_CHUNK} a call: per shard)", shard_t),
-                 ("  of which stable_hash (view)", hash_t), ("default_collate", coll_t)):
+                 ("stable_hash (view), 1 by 1", hash_t), ("  (stable_hashes, a shard at once)", hashes_t),
+                 ("default_collate", coll_t)):
         print(f"    {k:<32}{t / m * 1e6:8.1f} us")
     return {f"{scale}: loader 1 worker / (d)": med[C1] / limit,
             f"{scale}: loader 1 worker / (d')": med[C1] / med[D2],

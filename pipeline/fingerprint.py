@@ -4,6 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
+
+import numpy as np
 
 from pipeline.shardread import read_index
 
@@ -14,6 +17,15 @@ def stable_hash(*parts: object, digest_size: int = 8) -> int:
     # calls this twice per sample (view, mask), and one update is ~2x faster than 2 per part.
     data = b"".join(repr(part).encode() + b"\x1f" for part in parts)
     return int.from_bytes(hashlib.blake2b(data, digest_size=digest_size).digest(), "little")
+
+
+def stable_hashes(keys: Iterable[object], *parts: object) -> np.ndarray:
+    """uint64 [n]: `stable_hash(*parts, key)` of each key. The loader hashes a shard's keys at
+    once: the shared prefix is encoded once and the digests become integers in one numpy call."""
+    prefix = b"".join(repr(part).encode() + b"\x1f" for part in parts)
+    blake2b = hashlib.blake2b
+    digests = b"".join(blake2b(prefix + repr(k).encode() + b"\x1f", digest_size=8).digest() for k in keys)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)  # [n], little-endian as stable_hash reads it
 
 
 def json_fingerprint(obj: object) -> str:

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from pipeline.fingerprint import index_fingerprint, stable_hash
+from pipeline.fingerprint import index_fingerprint, stable_hashes
 from pipeline.masking import MaskGenerator
 from pipeline.schema import LoaderConfig
 from pipeline.shardread import check_shards, image_bytes, index_file, read_index, sample_key, shard_keys
 from pipeline.stream import ShardList, epoch_stream
-from pipeline.tokens import open_tokens
+from pipeline.tokens import ShardTokens, open_tokens
 from pipeline.render import Encoded, render_views
 from pipeline.ring import BatchRing, Spec
 from pipeline.views import View
@@ -67,40 +67,48 @@ def open_split(shard_dir: str | Path, token_path: str | Path, verify: bool = Fal
 
 
 def attach_tokens(samples: Iterator[dict], store: Any, shard_names: tuple[str, ...],
-                  masks: Optional[Callable[[list[str]], np.ndarray]] = None) -> Iterator[dict]:
-    """Add `__tokens__` [V, h, w] and `__views__` [V, K] to each tar sample; reads a
-    shard's rows in one contiguous slice when its first sample arrives. `masks(keys)` (bool
-    [n, h*w] for n keys), if given, is called once per shard on all of its keys, and each
-    sample gets its row as `__mask__`."""
+                  rows: Optional[Callable[[list[str], ShardTokens], dict[str, Sequence]]] = None) -> Iterator[dict]:
+    """Add each tar sample's fields from the token store, reading a shard's rows in one
+    contiguous slice when its first sample arrives. `rows(keys, part)` turns a shard's rows into
+    {field: one entry per row} (MIMDataset.epoch_rows: this epoch's view, grid and mask); by
+    default each sample gets `__tokens__` [V, h, w] and `__views__` [V, K]."""
     position = {name: i for i, name in enumerate(shard_names)}
-    current_url, name, keys, tokens, views, shard_masks, row = None, None, None, None, None, None, 0
+    current_url, name, keys, fields, row = None, None, None, None, 0
     for sample in samples:
         url = sample["__url__"]
         if url != current_url:
             name = Path(url).name
             part = store.read_shard(position[name])
-            current_url, keys, tokens, views, row = url, part.keys.tolist(), part.tokens, part.views, 0
-            shard_masks = masks(keys) if masks is not None else None  # bool [n, h*w]
+            current_url, keys, row = url, part.keys.tolist(), 0
+            fields = rows(keys, part) if rows is not None else {"__tokens__": part.tokens, "__views__": part.views}
         key = sample_key(sample)
         if row >= len(keys) or keys[row] != key:
             have = keys[row] if row < len(keys) else None
             raise StaleTokens(f"{name}: token row {row} is {have!r} but the tar has "
                               f"{sample['__key__']!r}; rerun `beit tokenize`")
-        sample["__tokens__"], sample["__views__"] = tokens[row], views[row]
-        if shard_masks is not None:
-            sample["__mask__"] = shard_masks[row]  # [h*w]
+        for field, column in fields.items():
+            sample[field] = column[row]
         row += 1
         yield sample
 
 
 def view_of(row: np.ndarray) -> View:
-    """`View.from_array(row)` for a float32 [K] row of the token store, without the
-    float64 array round trip (float32 -> Python float is the same exact widening)."""
+    """`View.from_array(row)` for a float32 [K] row of the token store."""
     if row.shape != (View.K,):
         return View.from_array(row)  # raises the shape error
-    a = row.tolist()
-    return View(int(round(a[0])), int(round(a[1])), int(round(a[2])), int(round(a[3])),
-                int(round(a[4])), int(round(a[5])), a[6] >= 0.5, a[7], a[8], a[9], a[10])
+    return views_of(row[None])[0]
+
+
+def views_of(rows: np.ndarray) -> list[View]:
+    """`View.from_array` of each float32 [n, K] row, a column at a time (a shard's views at
+    once: per-row conversion was ~a tenth of the 28 px loader's time). np.rint rounds half to
+    even like `round`; float32 -> Python float is the same exact widening as via float64."""
+    if rows.ndim != 2 or rows.shape[1] != View.K or not np.isfinite(rows).all():
+        raise ValueError(f"view rows must be finite float [n, {View.K}], got {rows.dtype} {rows.shape}")
+    ints = np.rint(rows[:, :6]).astype(np.int64).tolist()  # [n, 6] box and source size
+    flips = (rows[:, 6] >= 0.5).tolist()  # [n]
+    factors = rows[:, 7:].tolist()  # [n, 4] jitter factors
+    return [View(*box, flip, *f) for box, flip, f in zip(ints, flips, factors)]
 
 
 class MIMDataset(torch.utils.data.IterableDataset):
@@ -131,25 +139,36 @@ class MIMDataset(torch.utils.data.IterableDataset):
     def make_sample(self, sample: dict) -> dict:
         return self.make_samples([sample])[0]
 
-    def _gather(self, samples: list[dict]) -> tuple[list, list, list, list, list]:
-        """(encoded images, this epoch's views, token grids [h, w], labels, keys) of the samples."""
-        images, views, tokens, labels, keys = [], [], [], [], []
-        epoch = self.epoch
-        for sample in samples:
-            key = sample_key(sample)
-            images.append(Encoded(image_bytes(sample)))  # decoded at the view's DCT scale (JPEG)
-            grids = sample["__tokens__"]  # [V, h, w]
-            v = (epoch + stable_hash("view", key)) % grids.shape[0]
-            views.append(view_of(sample["__views__"][v]))
-            tokens.append(grids[v])
-            labels.append(int(sample["cls"]))
-            keys.append(key)
-        return images, views, tokens, labels, keys
+    def epoch_rows(self, keys: list[str], part: ShardTokens) -> dict[str, Sequence]:
+        """A shard's fields for this epoch, computed at once (`attach_tokens` attaches them):
+        `__view__` the sample's view (View) and `__grid__` its tokens (int64 [h, w]), view
+        (epoch + stable_hash("view", key)) % V of its stored ones; with masking `__mask__`
+        (bool [h*w]). Each is a function of (seed, epoch, key) only, so a sample gets the
+        same ones whatever shard order, worker or batch it comes in."""
+        n, num_views = part.tokens.shape[:2]
+        # (epoch + hash) % V, reduced first so uint64 never wraps
+        v = (stable_hashes(keys, "view") % num_views + self.epoch % num_views) % num_views  # [n]
+        at = np.arange(n)
+        fields = {"__view__": views_of(part.views[at, v]),  # [n, K] -> n Views
+                  "__grid__": part.tokens[at, v].astype(np.int64)}  # [n, h, w]
+        if self.masks is not None:
+            fields["__mask__"] = self._masks(keys)  # bool [n, h*w]
+        return fields
+
+    def _gather(self, samples: list[dict]) -> tuple[list, list, np.ndarray, list, Optional[np.ndarray]]:
+        """(encoded images, views, token grids int64 [B, h, w], labels, masks bool [B, h*w] or
+        None) of samples that went through `attach`."""
+        images = [Encoded(image_bytes(s)) for s in samples]  # decoded at the view's DCT scale (JPEG)
+        views = [s["__view__"] for s in samples]
+        grids = np.stack([s["__grid__"] for s in samples])  # [B, h, w]
+        labels = [int(s["cls"]) for s in samples]
+        masks = np.stack([s["__mask__"] for s in samples]) if self.masks is not None else None  # [B, h*w]
+        return images, views, grids, labels, masks
 
     def _masks(self, keys: list[str]) -> np.ndarray:
         """bool [B, h*w]: each key's mask for this epoch, a function of (seed, epoch, key) only,
-        so the same whichever batch (or shard, `_tokens`) the key is drawn with."""
-        ids = np.array([stable_hash("mask", self.seed, self.epoch, k) for k in keys], dtype=np.uint64)  # [B]
+        so the same whichever batch (or shard, `epoch_rows`) the key is drawn with."""
+        ids = stable_hashes(keys, "mask", self.seed, self.epoch)  # [B]
         # Batched draws cost ~11.5 us a mask in calls of 128 and ~6.4 us in calls of 512 (8x8 grid,
         # one core; per-step numpy overhead amortised), little less beyond: a shard's keys go 512 at a time.
         out = np.empty((len(ids), self.grid[0] * self.grid[1]), dtype=bool)  # [B, h*w]
@@ -157,12 +176,6 @@ class MIMDataset(torch.utils.data.IterableDataset):
             part = ids[i:i + MASK_CHUNK]
             out[i:i + len(part)] = self.masks.keyed(part).reshape(len(part), -1)  # [b, h, w] -> [b, h*w]
         return out
-
-    def _sample_masks(self, samples: list[dict], keys: list[str]) -> np.ndarray:
-        """bool [B, h*w]: the masks `_tokens` drew with each sample's shard, else drawn now."""
-        if all("__mask__" in s for s in samples):
-            return np.stack([s["__mask__"] for s in samples])
-        return self._masks(keys)
 
     def _render(self, images: list, views: list, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.cfg.transport == "uint8":
@@ -176,12 +189,11 @@ class MIMDataset(torch.utils.data.IterableDataset):
         Same bits as rendering one at a time (render_views works per image up to the
         resize, then per sample over the batch; tests/test_loader.py checks it): the
         per-call tensor set-up of the crop/flip/jitter ops is paid once per chunk."""
-        images, views, tokens, labels, keys = self._gather(samples)
+        images, views, grids, labels, masks = self._gather(samples)
         x = self._render(images, views)
-        masks = self._sample_masks(samples, keys) if self.masks is not None else None  # bool [B, h*w]
         outs = []
-        for i, (label, grid, image) in enumerate(zip(labels, tokens, x.unbind(0))):
-            out = {"label": label, "tokens": torch.from_numpy(grid.astype(np.int64)), "image": image}  # [h, w], [3, S, S]
+        for i, (label, image) in enumerate(zip(labels, x.unbind(0))):
+            out = {"label": label, "tokens": torch.from_numpy(grids[i].copy()), "image": image}  # [h, w], [3, S, S]
             if masks is not None:
                 out["mask"] = torch.from_numpy(masks[i])  # bool [h*w]
             outs.append(out)
@@ -203,24 +215,24 @@ class MIMDataset(torch.utils.data.IterableDataset):
         gives (tests/test_loader_fast.py), built without per-sample tensors: the views are
         rendered straight into the batch (`out`, a ring slot in a DataLoader worker, else new
         tensors shaped by `batch_spec`), tokens and masks stacked once."""
-        images, views, tokens, labels, keys = self._gather(samples)
+        images, views, grids, labels, masks = self._gather(samples)
         if out is None:
             out = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in self.batch_spec(len(samples)).items()}
         out["label"].copy_(torch.as_tensor(labels))  # [B]
-        out["tokens"].copy_(torch.from_numpy(np.stack(tokens)))  # [B, h, w]
+        out["tokens"].copy_(torch.from_numpy(grids))  # [B, h, w]
         self._render(images, views, out["image"])  # [B, 3, S, S]
-        if self.masks is not None:
-            out["mask"].copy_(torch.from_numpy(self._sample_masks(samples, keys)))  # bool [B, h*w]
+        if masks is not None:
+            out["mask"].copy_(torch.from_numpy(masks))  # bool [B, h*w]
         return out
 
-    def _tokens(self, samples: Iterator[dict]) -> Iterator[dict]:
-        # masks drawn per shard (512 keys a call), not per batch: fewer, larger batched draws
-        return attach_tokens(samples, open_tokens(self.split.token_path), self.split.shards,
-                             masks=self._masks if self.masks is not None else None)
+    def attach(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """The stream stage that gives tar samples their fields for this epoch (`epoch_rows`),
+        a shard at a time: hashes, views and masks (512 keys a call) in a few large calls."""
+        return attach_tokens(samples, open_tokens(self.split.token_path), self.split.shards, rows=self.epoch_rows)
 
     def __iter__(self) -> Iterator[dict]:
         stream = epoch_stream(self.split, self.seed, self.epoch, train=True, buffer_size=self.cfg.shuffle_buffer,
-                              buffer_salt="buffer", stages=(self._tokens,))
+                              buffer_salt="buffer", stages=(self.attach,))
         # whole batches (stream.batches sets batch_size; this worker's last partial one is dropped),
         # else samples rendered render_chunk at a time
         size = self.batch_size or self.render_chunk

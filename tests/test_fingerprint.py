@@ -1,6 +1,8 @@
 """stable_hash is part of every stored result's identity: which view a sample shows in an
 epoch, its mask, the shuffle order. Its values must never change with an implementation."""
-from pipeline.fingerprint import stable_hash
+import numpy as np
+
+from pipeline.fingerprint import stable_hash, stable_hashes
 
 
 def test_stable_hash_values_are_pinned():
@@ -14,3 +16,11 @@ def test_stable_hash_values_are_pinned():
 def test_stable_hash_separates_parts():
     assert stable_hash("ab", "c") != stable_hash("a", "bc")
     assert stable_hash(1) != stable_hash("1")
+
+
+def test_stable_hashes_equal_stable_hash_per_key():
+    keys = ["train-000123", "k", "", "ü/x", 7]
+    got = stable_hashes(keys, "mask", 0, 3)
+    assert got.dtype == np.uint64 and got.tolist() == [stable_hash("mask", 0, 3, k) for k in keys]
+    assert stable_hashes(["train-000123"], "view").tolist() == [16656880931622452976]
+    assert stable_hashes([], "view").shape == (0,)

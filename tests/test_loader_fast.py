@@ -15,7 +15,7 @@ import webdataset as wds
 
 from helpers import mim_world
 from pipeline.masking import MaskGenerator
-from pipeline.mim import MIMDataset, view_of
+from pipeline.mim import MIMDataset, view_of, views_of
 from pipeline.schema import BlockShape, LoaderConfig, MaskingConfig
 from pipeline.shardread import tar_samples
 from pipeline.stream import batches
@@ -138,8 +138,12 @@ def test_view_of_equals_from_array():
     rows[::3, :6] += 0.5  # half-way cases round like from_array
     for row in rows:
         assert view_of(row) == View.from_array(row)
+    assert views_of(rows) == [View.from_array(row) for row in rows]  # a shard's rows at once
     with pytest.raises(ValueError):
         view_of(rows[0, :5])
+    rows[7, 2] = np.nan  # a corrupt row is an error, not a garbage box
+    with pytest.raises(ValueError):
+        views_of(rows)
 
 
 @pytest.fixture(scope="module")
@@ -172,27 +176,33 @@ def test_batches_equal_the_legacy_loader(world, kind):
 
 
 @pytest.mark.parametrize("draw", ["per-sample", "batched"])
-def test_masks_drawn_per_shard_equal_masks_drawn_per_batch(world, draw):
-    """MIMDataset draws a shard's masks when its tokens are read (512 keys a call); a mask is a
-    function of (seed, epoch, key) only, so a batch gets the masks it would get drawn alone."""
-    from pipeline.mim import MASK_CHUNK, attach_tokens
-    from pipeline.shardread import tar_samples
+def test_epoch_rows_are_functions_of_seed_epoch_and_key(world, draw):
+    """MIMDataset computes a shard's views, token grids and masks when its tokens are read
+    (hashes, views and masks in a few calls per shard); each must still be a function of
+    (seed, epoch, key) alone, i.e. equal to what one key computed on its own gets."""
+    from pipeline.fingerprint import stable_hash
+    from pipeline.mim import MASK_CHUNK
     from pipeline.tokens import open_tokens
 
     _, params, split = world
     gen = MaskGenerator((8, 8), MaskingConfig(kind="block", mask_ratio=0.4, draw=draw))
     ds = MIMDataset(split, LoaderConfig(num_workers=0), 32, gen, params.seed)
-    ds.set_epoch(3)
-    urls = [str(split.shard_dir / s) for s in split.shards]
     store = open_tokens(split.token_path)
-    shard = list(attach_tokens(tar_samples(urls), store, split.shards, masks=ds._masks))
-    alone = list(attach_tokens(tar_samples(urls), store, split.shards))
-    assert all("__mask__" in s for s in shard) and not any("__mask__" in s for s in alone)
-    for i in range(0, len(shard) - 15, 16):
-        x, y = ds.make_batch(shard[i:i + 16]), ds.make_batch(alone[i:i + 16])
-        assert torch.equal(x["mask"], y["mask"]) and x["mask"].sum(1).eq(gen.num_masked).all()
+    for epoch in (0, 3):
+        ds.set_epoch(epoch)
+        for s in range(len(split.shards)):
+            part = store.read_shard(s)
+            keys = part.keys.tolist()
+            rows = ds.epoch_rows(keys, part)
+            assert rows["__grid__"].dtype == np.int64 and rows["__mask__"].shape == (len(keys), 64)
+            for i, key in enumerate(keys):
+                v = (epoch + stable_hash("view", key)) % part.tokens.shape[1]  # the per-sample rule
+                assert rows["__view__"][i] == View.from_array(part.views[i, v])
+                assert np.array_equal(rows["__grid__"][i], part.tokens[i, v])
+                assert np.array_equal(rows["__mask__"][i], ds._masks([key])[0])
+            assert rows["__mask__"].sum(1).tolist() == [gen.num_masked] * len(keys)
     # calls of MASK_CHUNK keys: a split key list gives the same rows
-    keys = [s["__key__"] for s in alone] * (MASK_CHUNK // len(alone) + 2)
+    keys = keys * (MASK_CHUNK // len(keys) + 2)
     whole = ds._masks(keys)
     assert whole.shape == (len(keys), 64) and (whole == np.concatenate([ds._masks(keys[:7]), ds._masks(keys[7:])])).all()
 
