@@ -283,7 +283,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     tar_t = timed3(lambda: sum(1 for _ in tar_samples(urls)))
     wds_t = timed3(lambda: sum(1 for _ in wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))))
     stream_t = timed3(lambda: sum(1 for _ in attach_tokens(tar_samples(urls), open_tokens(split.token_path),
-                                                           split.shards)))
+                                                           split.shards, rows=lambda keys, part: {})))
     rows_t = timed3(lambda: sum(1 for _ in ds.attach(tar_samples(urls))))
     raw = list(ds.attach(tar_samples(urls)))
     m = len(raw)

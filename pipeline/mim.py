@@ -1,8 +1,9 @@
 """The MIM dataset: WebDataset shards + precomputed tokens -> masked-image samples.
 
     pipeline/stream.py's prefix (seeded shard shuffle, split by rank and worker, tar samples)
-    -> attach tokens (one contiguous read per shard) -> seeded shuffle buffer
-    -> decode + the stored view + mask
+    -> attach this epoch's rows (one contiguous token read per shard; the shard's views,
+       token grids and masks computed at once) -> seeded shuffle buffer
+    -> decode + render the view, a batch at a time
 
 View parity: the sample's view for this epoch is `(epoch + hash(key)) % V`,
 and its parameters are read from the token store (exactly what the tokenize
@@ -67,11 +68,11 @@ def open_split(shard_dir: str | Path, token_path: str | Path, verify: bool = Fal
 
 
 def attach_tokens(samples: Iterator[dict], store: Any, shard_names: tuple[str, ...],
-                  rows: Optional[Callable[[list[str], ShardTokens], dict[str, Sequence]]] = None) -> Iterator[dict]:
+                  rows: Callable[[list[str], ShardTokens], dict[str, Sequence]]) -> Iterator[dict]:
     """Add each tar sample's fields from the token store, reading a shard's rows in one
-    contiguous slice when its first sample arrives. `rows(keys, part)` turns a shard's rows into
-    {field: one entry per row} (MIMDataset.epoch_rows: this epoch's view, grid and mask); by
-    default each sample gets `__tokens__` [V, h, w] and `__views__` [V, K]."""
+    contiguous slice when its first sample arrives (and checking they are the tar's keys, in
+    order). `rows(keys, part)` turns a shard's rows into {field: one entry per row}
+    (MIMDataset.epoch_rows: this epoch's view, grid and mask)."""
     position = {name: i for i, name in enumerate(shard_names)}
     current_url, name, keys, fields, row = None, None, None, None, 0
     for sample in samples:
@@ -80,7 +81,7 @@ def attach_tokens(samples: Iterator[dict], store: Any, shard_names: tuple[str, .
             name = Path(url).name
             part = store.read_shard(position[name])
             current_url, keys, row = url, part.keys.tolist(), 0
-            fields = rows(keys, part) if rows is not None else {"__tokens__": part.tokens, "__views__": part.views}
+            fields = rows(keys, part)
         key = sample_key(sample)
         if row >= len(keys) or keys[row] != key:
             have = keys[row] if row < len(keys) else None
