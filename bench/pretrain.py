@@ -284,7 +284,9 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     wds_t = timed3(lambda: sum(1 for _ in wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))))
     stream_t = timed3(lambda: sum(1 for _ in attach_tokens(tar_samples(urls), open_tokens(split.token_path),
                                                            split.shards, rows=lambda keys, part: {})))
+    ds_b = MIMDataset(split, LoaderConfig(num_workers=0), size, batched, seed=0)
     rows_t = timed3(lambda: sum(1 for _ in ds.attach(tar_samples(urls))))
+    rows_b_t = timed3(lambda: sum(1 for _ in ds_b.attach(tar_samples(urls))))
     raw = list(ds.attach(tar_samples(urls)))
     m = len(raw)
     made = ds.make_samples([dict(x) for x in raw])
@@ -309,7 +311,8 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
                             for i in range(0, m, chunk)])
     print("  per image, in-process, 1 thread (median of 3 passes each):")
     for k, t in (("tar read (pipeline.shardread)", tar_t), ("tar read (webdataset, before)", wds_t),
-                 ("tar read + attach_tokens", stream_t), ("  + epoch rows (views, grids, masks)", rows_t),
+                 ("tar read + attach_tokens", stream_t), ("  + epoch rows, per-sample masks", rows_t),
+                 ("  + epoch rows, batched masks", rows_b_t),
                  ("make_samples (all)", make_t),
                  ("  of which decode+apply_views", dac_t), ("  (decode+apply_view 1 by 1)", da_t),
                  ("  of which block mask + rng", mask_t), ("  (the same, before)", ref_mask_t),
