@@ -12,7 +12,6 @@ Prints µs per image, medians, every round's ratio, and old / new.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import sys
@@ -28,18 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from against import load_module  # noqa: E402  (bench/against.py: a script's folder is on sys.path)
 from pipeline.masking import MaskGenerator  # noqa: E402
 from pipeline.mim import MIMDataset  # noqa: E402
 from pipeline.schema import LoaderConfig, MaskingConfig  # noqa: E402
 from pipeline.stream import batches  # noqa: E402
-
-
-def load_module(path: str | Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 @click.command()

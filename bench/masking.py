@@ -120,15 +120,13 @@ def against(path: str, rounds: int = 5, n: int = 5120) -> None:
     """Batched block masks of this checkout beside those of another revision's
     pipeline/batchmask.py (`git show REV:pipeline/batchmask.py > F`), interleaved rounds in one
     process, batches of 128 (what the loader calls); checks that both draw the same masks."""
-    import importlib.util
     import statistics
 
+    from against import load_module  # bench/against.py (a script's folder is on sys.path)
     from pipeline import batchmask
     from pipeline.masking import default_min_block, num_masked_for
 
-    spec = importlib.util.spec_from_file_location("batchmask_other", path)
-    other = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(other)
+    other = load_module(path, "batchmask_other")
     for grid in [(7, 7), (8, 8), (14, 14)]:
         k, mb = num_masked_for(grid, 0.4), default_min_block(grid)
         ids = np.random.default_rng(1).integers(0, 2**63, n, dtype=np.uint64)

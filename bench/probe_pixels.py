@@ -12,20 +12,12 @@ the numbers agree, never to choose anything. Ratios are of the summed seconds of
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 
 import click
 import torch
 
-
-def load_module(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from against import load_module  # bench/against.py (a script's folder is on sys.path)
 
 
 @click.command()
