@@ -8,7 +8,7 @@ exists, else synthetic; a token store with the real stored views), then times on
 loader (batch 128, batched block masks, after the first batch) in-process and with one DataLoader
 worker, the two revisions interleaved (order swapped every round), one torch thread. First it checks
 that both revisions deliver the same batches, bit for bit, so the timing compares equal work.
-Prints µs per image, medians, every round's ratio, and old / new.
+Prints µs per image (medians), other / this, and every round's ratio.
 """
 from __future__ import annotations
 

@@ -130,12 +130,10 @@ def bench_step(name: str, vit: str, tokenizer, batch: int, repeats: int, steps: 
 
 
 def _bench_tokenize_module():
-    import importlib.util
+    """bench/tokenize_stage.py, loaded once (the fixture builders share it)."""
+    from against import load_module  # bench/against.py (a script's folder is on sys.path)
 
-    spec_ = importlib.util.spec_from_file_location("bench_tokenize", ROOT / "bench" / "tokenize_stage.py")
-    bt = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(bt)
-    return bt
+    return sys.modules.get("bench_tokenize") or load_module(ROOT / "bench" / "tokenize_stage.py", "bench_tokenize")
 
 
 def _legacy():
