@@ -34,7 +34,8 @@ PAPER_ABLATION = [
 
 DEFAULT = ("block", "tokens", 0.4)
 MIN_SEEDS = 3
-METRICS = ("finetune_top1", "scratch_top1", "linear_probe_top1", "knn_top1", "linear_probe_pixels", "knn_pixels")
+METRICS = ("finetune_top1", "scratch_top1", "linear_probe_top1", "knn_top1", "linear_probe_pixels", "knn_pixels",
+           "linear_probe_grid", "knn_grid")
 
 _ABL = {(m, t): a for _, m, t, a, _ in PAPER_ABLATION}
 # (claim, the variant compared with the default, the paper's fine-tuning gap default - variant)
@@ -57,6 +58,7 @@ def variant_of(row: dict) -> Optional[tuple]:
 # recipe is its stage's, stages/recipe.py) and of merging rows of one (variant, seed) below.
 METRIC_FIELDS = {"finetune_top1": "finetune", "scratch_top1": "scratch", "linear_probe_top1": "linear_probe",
                  "linear_probe_pixels": "linear_probe", "knn_top1": "knn", "knn_pixels": "knn",
+                 "linear_probe_grid": "linear_probe", "knn_grid": "knn",
                  "mim_acc": "pretrain", "segment_miou": "segment", "attention_pretrain": "visualize",
                  "attention_random": "visualize", "attention_finetune": "visualize"}
 
@@ -176,6 +178,9 @@ FLOORS = (
     ("fine-tuning clears the raw-pixel linear probe", "finetune_top1", "linear_probe_pixels"),
     ("the linear probe clears the raw-pixel linear probe", "linear_probe_top1", "linear_probe_pixels"),
     ("kNN clears kNN on raw pixels", "knn_top1", "knn_pixels"),
+    # the same tokens without mean pooling, which drops the layout the pixels keep (probe.grid)
+    ("the linear probe on the token grid clears the raw-pixel linear probe", "linear_probe_grid", "linear_probe_pixels"),
+    ("kNN on the token grid clears kNN on raw pixels", "knn_grid", "knn_pixels"),
 )
 _FLOOR_WORDS = {"reproduced": "clears the floor", "reversed": "below the floor", "not reproduced": "not resolved"}
 

@@ -257,6 +257,12 @@ class ProbeConfig:
     # Also fit both probes on raw pixels (pixels_top1): the floor features must clear. Costs
     # N x 3*S*S floats of feature cache, so the ImageNet config turns it off.
     pixel_reference: bool = True
+    # Also probe the patch-token grid (grid_top1 in both metrics files): every patch token of the
+    # block kept in place, flattened (N x D per image, 49 x 128 for micro at 28 px), whitened. Mean
+    # pooling (the paper's feature) discards the layout that the raw-pixel floor keeps; the grid
+    # asks whether the tokens hold more than the pixels they replace. Costs N x D floats per image
+    # and block of feature cache (3.2 GB for the default), so the ImageNet config turns it off.
+    grid: bool = True
     batch_size: int = 256  # feature extraction
     num_workers: int = 2
     device: Device = "auto"

@@ -56,46 +56,71 @@ def distinct_columns(x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Ten
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearProbe:
-    """logits = ((x[:, columns] - mean) @ transform) @ weight + bias; transform whitens or
-    standardises (and scales each kept column by sqrt of its copies: see the module doc)."""
+class InputMap:
+    """z = (x[:, columns] - mean) @ transform: the probe's input, standardised or whitened (and
+    each kept column scaled by sqrt of its copies: see the module doc). A function of the fit
+    features alone, so one map serves every l2 tried on them (`prepare`)."""
 
     mean: torch.Tensor  # [D']
-    transform: torch.Tensor  # [D', D'] (whitening) or [D'] (sqrt(copies) / std, per feature)
-    weight: torch.Tensor  # [D', K]
-    bias: torch.Tensor  # [K]
-    iterations: int
+    transform: torch.Tensor  # [D', r] (whitening; r = D' unless fewer images than columns) or [D'] (per feature)
     columns: Optional[torch.Tensor] = None  # [D'] the distinct columns of x read; None: all D
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.columns is not None:
             x = x[:, self.columns]  # [N, D] -> [N, D']
         z = (x.double() - self.mean)  # [N, D']
         return z @ self.transform if self.transform.dim() == 2 else z * self.transform  # [N, D']
 
+
+@dataclasses.dataclass(frozen=True)
+class LinearProbe:
+    """logits = inputs(x) @ weight + bias."""
+
+    inputs: InputMap
+    weight: torch.Tensor  # [D', K]
+    bias: torch.Tensor  # [K]
+    iterations: int
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.features(x) @ self.weight + self.bias).float()  # [N, K]
+        return (self.inputs(x) @ self.weight + self.bias).float()  # [N, K]
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, whiten: bool,
-                 max_iter: int) -> LinearProbe:
-    """Features x [N, D], labels y [N] -> the probe minimising mean cross-entropy
-    + l2 / 2 * ||W||^2 (bias unpenalised), in float64, from zero weights."""
+def prepare(x: torch.Tensor, whiten: bool) -> InputMap:
+    """The input map fit on features x [N, D]. On a 6,272-column token grid its eigendecomposition
+    and the whitened copy of x are most of a fit, so the stage prepares once per feature set and
+    solves every l2 on the same z."""
     columns, copies = distinct_columns(x)
     kept = (x if columns is None else x[:, columns]).double()  # [N, D']
     mean = kept.mean(0)  # [D']
     root = copies.sqrt()  # [D'] all ones where no column repeats (x * 1.0 is x, bit for bit)
-    if whiten:  # whiten the distinct columns scaled by sqrt(copies): the full set's spectrum
+    n, d = kept.shape
+    if whiten and n <= d:
+        # Fewer images than columns (a token grid: 6,000 x 6,272 for the default, 40 x 8,192 in
+        # the tests): the covariance has rank < N, and its nonzero spectrum is the N x N Gram
+        # matrix's (c = U S V^T: c c^T = U S^2 U^T, V = c^T U / S). Directions under the floor are
+        # dropped, not floored: past rank N-1 they are rounding noise, and no fit image has any
+        # component along them to learn a weight from.
+        c = (kept - mean) * root  # [N, D']
+        eig, u = torch.linalg.eigh(c @ c.T / (n - 1))  # [N], [N, N]: ascending
+        keep = eig >= EIGEN_FLOOR * float(eig[-1].clamp_min(1e-30))
+        eig, u = eig[keep], u[:, keep]  # [r], [N, r]
+        vec = (c.T @ u) / (eig * (n - 1)).sqrt()  # [D', r] orthonormal eigenvectors of the covariance
+        transform = root[:, None] * (vec / eig.sqrt())  # [D', r]: scale, then whiten
+    elif whiten:  # whiten the distinct columns scaled by sqrt(copies): the full set's spectrum
         eig, vec = torch.linalg.eigh(torch.cov(((kept - mean) * root).T))  # [D'], [D', D']: ascending, orthonormal
         floor = EIGEN_FLOOR * float(eig[-1].clamp_min(1e-30))
         transform = root[:, None] * (vec / eig.clamp_min(floor).sqrt())  # [D', D']: scale, then whiten
     else:
         transform = root / kept.std(0).clamp_min(1e-6)  # [D']
-    probe = LinearProbe(mean, transform, torch.zeros(kept.shape[1], classes, dtype=torch.float64),
-                        torch.zeros(classes, dtype=torch.float64), 0, columns)
-    z = probe.features(x)  # [N, D']
-    w = probe.weight.requires_grad_()
-    b = probe.bias.requires_grad_()
+    return InputMap(mean, transform, columns)
+
+
+def solve(inputs: InputMap, z: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
+          max_iter: int) -> LinearProbe:
+    """The probe on z = inputs(x) [N, D'], labels y [N], minimising mean cross-entropy
+    + l2 / 2 * ||W||^2 (bias unpenalised), in float64, from zero weights."""
+    w = torch.zeros(z.shape[1], classes, dtype=torch.float64, requires_grad=True)  # [D', K]
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)  # [K]
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 
@@ -106,5 +131,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, whit
         return loss
 
     opt.step(closure)
-    steps = int(opt.state[w]["n_iter"])
-    return dataclasses.replace(probe, weight=w.detach(), bias=b.detach(), iterations=steps)
+    return LinearProbe(inputs, w.detach(), b.detach(), int(opt.state[w]["n_iter"]))
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, whiten: bool,
+                 max_iter: int) -> LinearProbe:
+    """Features x [N, D], labels y [N] -> the penalised logistic regression (`solve`) on the
+    standardised or whitened features (`prepare`)."""
+    inputs = prepare(x, whiten)
+    return solve(inputs, inputs(x), y, classes, l2, max_iter)

@@ -85,6 +85,8 @@ ROWS = [
     ("Fine-tuning", "scratch top-5 (%)", "scratch", "top5", "pct", ""),
     ("Frozen features", "linear probe top-1 (%)", "linear_probe", "top1", "pct", ""),
     ("Frozen features", "kNN top-1 (%)", "knn", "top1", "pct", ""),
+    ("Frozen features", "linear probe on the token grid top-1 (%)", "linear_probe", "grid_top1", "pct", ""),
+    ("Frozen features", "kNN on the token grid top-1 (%)", "knn", "grid_top1", "pct", ""),
     ("Frozen features", "raw-pixel linear probe top-1 (%), the floor", "linear_probe", "pixels_top1", "pct", ""),
     ("Frozen features", "raw-pixel kNN top-1 (%), the floor", "knn", "pixels_top1", "pct", ""),
     ("Pretraining", "masked-token accuracy, held out (%)", "pretrain", "eval_acc", "pct", ""),
@@ -177,6 +179,9 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
     # the floors they must clear, per run (the label subset changes with the seed)
     row["linear_probe_pixels"] = _metric_of(data, sources.get("linear_probe"), "pixels_top1")
     row["knn_pixels"] = _metric_of(data, sources.get("knn"), "pixels_top1")
+    # the same probes on the patch-token grid, not mean-pooled (probe.grid)
+    row["linear_probe_grid"] = _metric_of(data, sources.get("linear_probe"), "grid_top1")
+    row["knn_grid"] = _metric_of(data, sources.get("knn"), "grid_top1")
     row["mim_acc"] = _metric_of(data, sources.get("pretrain"), "eval_acc")
     seg = params.get("segment")
     row["segment_init"] = seg.get("init") if isinstance(seg, dict) else None
@@ -414,7 +419,8 @@ def claims_section(rows: list[dict]) -> list[str]:
         body.append([masking, target, _fmt(ratio), ", ".join(map(str, s["seeds"])),
                      *(mean_sd(s[m]) for m in METRICS)])
     lines += table(["masking", "target", "mask ratio", "seeds", "fine-tune (%)", "scratch (%)",
-                     "linear probe (%)", "kNN (%)", "linear probe on pixels (%)", "kNN on pixels (%)"], body)
+                     "linear probe (%)", "kNN (%)", "linear probe on pixels (%)", "kNN on pixels (%)",
+                     "linear probe, token grid (%)", "kNN, token grid (%)"], body)
     lines += ["", "Scratch is one run per seed, on the default variant's row: its stage reads none of "
                   "masking, target or mask_ratio."]
     for r in shadowed_workspace(rows):
@@ -454,8 +460,10 @@ def plot_results(metrics: dict[str, Optional[dict]], experiments: Optional[list[
     # Learned numbers beside the floor they must clear: the same probes fit on raw pixels.
     ours = [(label, _pct(metrics.get(name), key), colour) for label, name, key, colour in (
         ("fine-tune", "finetune", "top1", "C0"), ("scratch", "scratch", "top1", "C1"),
-        ("linear\nprobe", "linear_probe", "top1", "C2"), ("linear probe\non pixels", "linear_probe", "pixels_top1", "C7"),
-        ("kNN", "knn", "top1", "C3"), ("kNN on\npixels", "knn", "pixels_top1", "C7"))]
+        ("linear\nprobe", "linear_probe", "top1", "C2"), ("probe,\ntoken grid", "linear_probe", "grid_top1", "C2"),
+        ("linear probe\non pixels", "linear_probe", "pixels_top1", "C7"),
+        ("kNN", "knn", "top1", "C3"), ("kNN,\ntoken grid", "knn", "grid_top1", "C3"),
+        ("kNN on\npixels", "knn", "pixels_top1", "C7"))]
     groups = by_variant(experiments or [])
     show_exps = bool(groups)
     fig, axes = plt.subplots(1, 3 if show_exps else 2, figsize=(16 if show_exps else 12, 4.4), squeeze=False)

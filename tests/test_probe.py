@@ -54,12 +54,19 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lp = linear_probe(params)
     cache = sorted((tmp_path / "runs").glob("features-*/*.safetensors"))
-    # two feature caches: the encoder's and the raw-pixel reference's, each fit / holdout / eval
+    # three feature caches: the encoder's mean-pooled and token-grid features and the raw-pixel
+    # reference's, each fit / holdout / eval
     names = ["test.safetensors", "train-holdout.safetensors", "train.safetensors"]
-    assert sorted(p.name for p in cache) == sorted(names * 2)
+    assert sorted(p.name for p in cache) == sorted(names * 3)
     from safetensors.torch import load_file
-    shapes = sorted(tuple(load_file(str(p))["features"].shape) for p in cache if p.name == "train.safetensors")
-    assert shapes == [(1, 40, 3 * 32 * 32), (2, 40, 128)]  # pixels; both blocks of the 2-block encoder
+    train = {load_file(str(p))["features"].shape: load_file(str(p))["features"] for p in cache
+             if p.name == "train.safetensors"}
+    # pixels; both blocks of the 2-block encoder, mean-pooled and as the 8x8 grid of 128-d tokens
+    assert sorted(train) == [(1, 40, 3 * 32 * 32), (2, 40, 128), (2, 40, 64 * 128)]
+    grid = train[(2, 40, 64 * 128)].reshape(2, 40, 64, 128)  # [L, N, patches, D]
+    assert torch.allclose(grid.mean(2), train[(2, 40, 128)], atol=1e-5)  # the same tokens, pooled
+    assert lp["grid_feature_dim"] == 64 * 128 and 0.0 <= lp["grid_top1"] <= 1.0
+    assert [(r["block"], r["setting"]) for r in lp["grid_holdout"]] == [(1, 1e-3), (1, 1e-1), (2, 1e-3), (2, 1e-1)]
     # block and lr: the best of every (block, lr) pair on the holdout, then the test split once
     rows = lp["holdout"]
     assert [(r["block"], r["setting"]) for r in rows] == [(1, 1e-3), (1, 1e-1), (2, 1e-3), (2, 1e-1)]
@@ -74,6 +81,8 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     assert kn["k"] == 20 and 0.0 <= kn["top1"] <= kn["top5"] <= 1.0
     assert kn["block"] == max(kn["holdout"], key=lambda r: r["top1"])["block"] and len(kn["holdout"]) == 2
     assert 0.0 <= lp["pixels_top1"] <= 1.0 and 0.0 <= kn["pixels_top1"] <= 1.0
+    assert kn["grid_block"] == max(kn["grid_holdout"], key=lambda r: r["top1"])["block"]
+    assert 0.0 <= kn["grid_top1"] <= 1.0
     # train_fraction null: exactly the fine-tuning label subset (same fraction, same seed)
     same = dataclasses.replace(params, probe=dataclasses.replace(params.probe, train_fraction=None),
                                finetune=dataclasses.replace(params.finetune, label_fraction=0.25))
@@ -92,7 +101,7 @@ def test_fit_logistic_reaches_the_optimum_of_the_penalised_loss():
     for whiten in (False, True):
         probe = fit_logistic(x, y, 5, l2=1e-3, whiten=whiten, max_iter=500)
         assert probe.iterations < 500  # converged before the cap
-        z = probe.features(x)
+        z = probe.inputs(x)
         w = probe.weight.clone().requires_grad_()
         b = probe.bias.clone().requires_grad_()
         loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5e-3 * (w * w).sum()
@@ -154,6 +163,19 @@ def test_lbfgs_probe_stage_chooses_l2_and_whitening_on_the_holdout(tmp_path, mon
     assert (lp["block"], {"l2": lp["l2"], "whiten": lp["whiten"]}) == (best["block"], best["setting"])
     assert lp["solver"] == "lbfgs" and 1 <= lp["iterations"] <= 50 and "lr" not in lp
     assert {"l2": lp["pixels_l2"], "whiten": lp["pixels_whiten"]} in settings and 0.0 <= lp["pixels_top1"] <= 1.0
+    # each holdout score is that of a probe fit alone (the stage maps the inputs once per block)
+    from stages.convex_probe import fit_logistic
+    from stages.probe import probe_data
+
+    data = probe_data(params)
+    for row in lp["holdout"]:
+        i, s = row["block"] - 1, row["setting"]
+        alone = fit_logistic(data.fit[0][i], data.fit[1], data.classes, s["l2"], s["whiten"], 50)
+        assert topk_accuracy(alone(data.holdout[0][i]), data.holdout[1])["top1"] == row["top1"]
+    # the token grid: whitened fits only (standardised ones on thousands of columns run for minutes)
+    assert [(r["block"], r["setting"]) for r in lp["grid_holdout"]] == [
+        (b, s) for b in (1, 2) for s in settings if s["whiten"]]
+    assert lp["grid_whiten"] is True and lp["grid_feature_dim"] == 64 * 128
 
 
 def test_choose_prefers_the_block_that_separates_on_the_holdout():
@@ -165,7 +187,8 @@ def test_choose_prefers_the_block_that_separates_on_the_holdout():
     noise = torch.randn(200, 4, generator=g)
     x = torch.stack([noise, signal])  # [L=2, N, D]: block 1 is noise, block 2 separates the classes
     data = ProbeData((x[:, :100], y[:100]), (x[:, 100:], y[100:]), (x, y), (1, 2), 4)
-    knn_top1 = lambda tx, ty, hx, hy, k: topk_accuracy(knn_scores(tx, ty, hx, 4, k, 0.07), hy)["top1"]  # noqa: E731
+    knn_top1 = lambda i, k: topk_accuracy(knn_scores(data.fit[0][i], data.fit[1], data.holdout[0][i], 4, k, 0.07),  # noqa: E731
+                                          data.holdout[1])["top1"]
     (i, k), rows = choose(data, [(0, 5), (1, 5)], knn_top1)
     assert i == 1 and k == 5 and rows[1]["top1"] > 0.9 > rows[0]["top1"]
     no_holdout = ProbeData(data.fit, None, data.eval, (1, 2), 4)
@@ -181,3 +204,38 @@ def test_probe_validation_too_large_names_the_key(tmp_path):
     save_stand_in_encoder(params, seed=0, depth=2)
     with pytest.raises(ConfigError, match=r"probe\.validation=500: must be in \[1, 40\]"):
         probe_data(params)
+
+
+def test_whitening_with_fewer_images_than_columns_uses_the_gram_matrix():
+    """N < D (a token grid): whitening from the N x N Gram matrix gives unit-covariance inputs of
+    rank < N and the probe the D x D route would give (its extra directions carry no fit data)."""
+    from stages.convex_probe import EIGEN_FLOOR, prepare, solve
+
+    x, y = blobs(10, 3, dim=50)  # [30, 50]: more columns than images
+    x = x @ torch.randn(50, 50, generator=torch.Generator().manual_seed(2))
+    inputs = prepare(x, whiten=True)
+    z = inputs(x)  # [30, r]
+    assert inputs.transform.shape[0] == 50 and z.shape[1] <= 29
+    assert torch.allclose(torch.cov(z.T), torch.eye(z.shape[1], dtype=torch.float64), atol=1e-8)
+    dual = solve(inputs, z, y, 3, l2=1e-2, max_iter=500)
+    # the D x D route, written out: eigh of the 50 x 50 covariance, small eigenvalues floored
+    xd = x.double()
+    eig, vec = torch.linalg.eigh(torch.cov(xd.T))
+    t = vec / eig.clamp_min(EIGEN_FLOOR * eig[-1]).sqrt()
+    zp = (xd - xd.mean(0)) @ t
+    w = torch.zeros(50, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe", tolerance_grad=1e-10,
+                            tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(zp @ w + b, y) + 0.5e-2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    new = torch.randn(20, 50, generator=torch.Generator().manual_seed(3)) @ torch.randn(50, 50)
+    primal = lambda v: ((v.double() - xd.mean(0)) @ t @ w + b).float()  # noqa: E731
+    assert torch.allclose(dual(x), primal(x), atol=1e-3)
+    assert (dual(new).argmax(1) == primal(new).argmax(1)).float().mean() >= 0.9
