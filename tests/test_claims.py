@@ -62,6 +62,12 @@ def test_floors_pair_each_learned_number_with_its_own_seeds_pixel_baseline():
     knn = got["kNN clears kNN on raw pixels"]  # 80.0, 80.1, 80.2 against 80: t = 1.73
     assert knn["verdict"] == "not resolved"
     assert floors(rows[:2])[0]["verdict"] == "needs 3 seeds"
+    grid = got["the linear probe on the token grid clears the raw-pixel linear probe"]
+    assert grid["n"] == 0 and grid["verdict"] == "needs 3 seeds"  # rows without probe.grid numbers
+    # the token grid judged against the same floor, seed by seed: +0.5, +1.0, +1.5 (t = 3.46)
+    with_grid = [dict(r, linear_probe_grid=r["linear_probe_pixels"] + 0.5 * (r["seed"] + 1)) for r in rows[:3]]
+    grid = {c["claim"]: c for c in floors(with_grid)}["the linear probe on the token grid clears the raw-pixel linear probe"]
+    assert grid["n"] == 3 and math.isclose(grid["gap"], 1.0) and grid["verdict"] == "clears the floor"
     text = "\n".join(claims_section(rows))
     assert "+2.60 ± 0.10" in text and "**clears the floor**" in text and "**below the floor**" in text
 
