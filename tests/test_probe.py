@@ -59,8 +59,7 @@ def test_probe_and_knn_stages_share_cached_features(tmp_path, monkeypatch):
     names = ["test.safetensors", "train-holdout.safetensors", "train.safetensors"]
     assert sorted(p.name for p in cache) == sorted(names * 3)
     from safetensors.torch import load_file
-    train = {load_file(str(p))["features"].shape: load_file(str(p))["features"] for p in cache
-             if p.name == "train.safetensors"}
+    train = {f.shape: f for f in (load_file(str(p))["features"] for p in cache if p.name == "train.safetensors")}
     # pixels; both blocks of the 2-block encoder, mean-pooled and as the 8x8 grid of 128-d tokens
     assert sorted(train) == [(1, 40, 3 * 32 * 32), (2, 40, 128), (2, 40, 64 * 128)]
     grid = train[(2, 40, 64 * 128)].reshape(2, 40, 64, 128)  # [L, N, patches, D]
