@@ -32,7 +32,7 @@ HEAD_KEYS = ("fc_norm.", "head.")  # what a pretrained encoder does not provide
 
 
 class BeitClassifier(Beit):
-    """forward(images [B, C, H, W]) -> logits [B, K]; pooled_blocks(images, blocks) -> [L, B, D]."""
+    """forward(images [B, C, H, W]) -> logits [B, K]; pooled_blocks(images, blocks, pool) -> [L, B, F]."""
 
     def __init__(self, config: BeitConfig, num_classes: int, drop_path: Optional[float] = None,
                  head_init_scale: float = 0.001):
@@ -105,13 +105,18 @@ class BeitClassifier(Beit):
         *_, x = self.block_outputs(images, n)
         return x
 
-    def pooled_blocks(self, images: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
-        """Average of the patch tokens (no CLS, no fc_norm: paper App. D's linear-probe feature)
-        after each of `blocks` (counted from 1), from one pass: [len(blocks), B, D]."""
+    def pooled_blocks(self, images: torch.Tensor, blocks: Sequence[int], pool: str = "mean") -> torch.Tensor:
+        """The patch tokens (no CLS, no fc_norm) after each of `blocks` (counted from 1), from one
+        pass. pool "mean": their average, paper App. D's linear-probe feature: [len(blocks), B, D];
+        "grid": every token kept in place, flattened in grid order: [len(blocks), B, N*D]."""
         if not blocks or not all(1 <= b <= len(self.blocks) for b in blocks):
             raise ValueError(f"blocks={list(blocks)}: each must be in 1..{len(self.blocks)}")
-        pooled = [x[:, 1:].mean(dim=1) for x in self.block_outputs(images, max(blocks))]  # [B, D] each
-        return torch.stack([pooled[b - 1] for b in blocks])  # [len(blocks), B, D]
+        if pool not in ("mean", "grid"):
+            raise ValueError(f"pool={pool!r}: must be 'mean' or 'grid'")
+        outs = list(self.block_outputs(images, max(blocks)))  # [B, 1+N, D] per block
+        # [B, 1+N, D] -> patch tokens [B, N, D] -> [B, D] (mean) or [B, N*D] (grid)
+        pooled = [x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 1:].flatten(1) for x in outs]
+        return torch.stack([pooled[b - 1] for b in blocks])  # [len(blocks), B, F]
 
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:
     """A checkpoint written by `beit finetune` / `beit scratch`."""

@@ -81,8 +81,12 @@ class LinearProbe:
     bias: torch.Tensor  # [K]
     iterations: int
 
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z: features already mapped by `inputs` [N, D'] -> logits [N, K]."""
+        return (z @ self.weight + self.bias).float()  # [N, K]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.inputs(x) @ self.weight + self.bias).float()  # [N, K]
+        return self.logits(self.inputs(x))  # [N, D] -> [N, K]
 
 
 def prepare(x: torch.Tensor, whiten: bool) -> InputMap:

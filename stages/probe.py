@@ -56,27 +56,19 @@ from stages.metrics import topk_hits, write_json
 Pool = Literal["mean", "grid"]
 
 
-def token_grids(model: BeitClassifier, images: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
-    """Every patch token after each of `blocks`, in grid order, flattened (no CLS):
-    [B, C, H, W] -> [len(blocks), B, N*D]."""
-    outs = list(model.block_outputs(images, max(blocks)))  # [B, 1+N, D] per block
-    return torch.stack([outs[b - 1][:, 1:].flatten(1) for b in blocks])  # [B, N, D] -> [B, N*D] each
-
-
 @torch.no_grad()
 def extract_features(model: BeitClassifier, split: LabelledSplit, image_size: int, batch_size: int,
                      num_workers: int, blocks: tuple[int, ...], device: torch.device, pool: Pool = "mean"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (features float [len(blocks), N, F], labels long [N]) over the (kept) split, stored order.
     pool "mean": the patch tokens averaged, F = D (paper App. D); "grid": every patch token
-    kept in place, F = N_patches * D (`token_grids`)."""
+    kept in place, F = N_patches * D (`BeitClassifier.pooled_blocks`)."""
     model.eval().to(device)
     data = ClassifyDataset(split, LoaderConfig(num_workers=num_workers), image_size, seed=0, train=False)
     feats, labels = [], []
     for batch in eval_batches(data, batch_size, num_workers):
         images = batch["image"].to(device)
-        f = model.pooled_blocks(images, blocks) if pool == "mean" else token_grids(model, images, blocks)
-        feats.append(f.float().cpu())  # [L, B, F]
+        feats.append(model.pooled_blocks(images, blocks, pool).float().cpu())  # [L, B, F]
         labels.append(batch["label"])  # [B]
     return torch.cat(feats, dim=1), torch.cat(labels)
 
@@ -262,8 +254,7 @@ def fit_linear_scored(params: Params, data: ProbeData, settings: Optional[list] 
         predict = fit(i, setting)
         with torch.no_grad():
             if p.solver == "lbfgs":  # the holdout already mapped: the same logits as predict(x)
-                held = inputs_of(i, setting["whiten"])[2]
-                logits = (held @ predict.weight + predict.bias).float()  # [H, K]
+                logits = predict.logits(inputs_of(i, setting["whiten"])[2])  # [H, K]
             else:
                 logits = predict(data.holdout[0][i])
             return topk_accuracy(logits, data.holdout[1])["top1"]

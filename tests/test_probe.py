@@ -238,3 +238,22 @@ def test_whitening_with_fewer_images_than_columns_uses_the_gram_matrix():
     primal = lambda v: ((v.double() - xd.mean(0)) @ t @ w + b).float()  # noqa: E731
     assert torch.allclose(dual(x), primal(x), atol=1e-3)
     assert (dual(new).argmax(1) == primal(new).argmax(1)).float().mean() >= 0.9
+
+
+def test_pooled_blocks_grid_keeps_every_patch_token_in_place(tmp_path):
+    from model.classifier import BeitClassifier
+
+    params = tiny_params(tmp_path)
+    model = BeitClassifier.from_pretrained(save_stand_in_encoder(params), num_classes=0, drop_path=0.0).eval()
+    size = params.data.image_size
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        grid = model.pooled_blocks(images, (1, 2), pool="grid")  # [2, B, N*D]
+        mean = model.pooled_blocks(images, (1, 2))  # [2, B, D]
+        last = model.forward_blocks(images, 2)[:, 1:]  # [B, N, D] patch tokens after block 2
+    n, d = last.shape[1:]
+    assert grid.shape == (2, 3, n * d) and mean.shape == (2, 3, d)
+    assert torch.equal(grid[1], last.flatten(1))  # grid order: token i's D numbers at [i*D, (i+1)*D)
+    torch.testing.assert_close(grid.view(2, 3, n, d).mean(2), mean)
+    with pytest.raises(ValueError, match="pool='cls'"):
+        model.pooled_blocks(images, (1,), pool="cls")
