@@ -113,10 +113,13 @@ class BeitClassifier(Beit):
             raise ValueError(f"blocks={list(blocks)}: each must be in 1..{len(self.blocks)}")
         if pool not in ("mean", "grid"):
             raise ValueError(f"pool={pool!r}: must be 'mean' or 'grid'")
-        outs = list(self.block_outputs(images, max(blocks)))  # [B, 1+N, D] per block
-        # [B, 1+N, D] -> patch tokens [B, N, D] -> [B, D] (mean) or [B, N*D] (grid)
-        pooled = [x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 1:].flatten(1) for x in outs]
-        return torch.stack([pooled[b - 1] for b in blocks])  # [len(blocks), B, F]
+        # pooled as each block yields, so no block's full token sequence outlives its pooling (ViT-B,
+        # batch 256: 12 blocks' sequences would be ~1.9 GB), and only the blocks asked for are kept
+        pooled: dict[int, torch.Tensor] = {}
+        for b, x in enumerate(self.block_outputs(images, max(blocks)), 1):  # x: [B, 1+N, D]
+            if b in blocks:  # patch tokens [B, N, D] -> [B, D] (mean) or [B, N*D] (grid)
+                pooled[b] = x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 1:].flatten(1)
+        return torch.stack([pooled[b] for b in blocks])  # [len(blocks), B, F]
 
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:
     """A checkpoint written by `beit finetune` / `beit scratch`."""
