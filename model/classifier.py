@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence, get_args
 
 import torch
 from timm.models.beit import Beit
 
 from model.beit import BeitConfig, BeitMIM, beit_config_from_dict, load_encoder, timm_export, timm_kwargs
 from model.checkpoints import load_checkpoint
+
+# What `pooled_blocks` keeps of a block's patch tokens: their mean (paper App. D) or all of them in place.
+Pool = Literal["mean", "grid"]
 
 HEAD_KEYS = ("fc_norm.", "head.")  # what a pretrained encoder does not provide
 
@@ -105,14 +108,14 @@ class BeitClassifier(Beit):
         *_, x = self.block_outputs(images, n)
         return x
 
-    def pooled_blocks(self, images: torch.Tensor, blocks: Sequence[int], pool: str = "mean") -> torch.Tensor:
+    def pooled_blocks(self, images: torch.Tensor, blocks: Sequence[int], pool: Pool = "mean") -> torch.Tensor:
         """The patch tokens (no CLS, no fc_norm) after each of `blocks` (counted from 1), from one
         pass. pool "mean": their average, paper App. D's linear-probe feature: [len(blocks), B, D];
         "grid": every token kept in place, flattened in grid order: [len(blocks), B, N*D]."""
         if not blocks or not all(1 <= b <= len(self.blocks) for b in blocks):
             raise ValueError(f"blocks={list(blocks)}: each must be in 1..{len(self.blocks)}")
-        if pool not in ("mean", "grid"):
-            raise ValueError(f"pool={pool!r}: must be 'mean' or 'grid'")
+        if pool not in get_args(Pool):
+            raise ValueError(f"pool={pool!r}: must be one of {', '.join(map(repr, get_args(Pool)))}")
         # pooled as each block yields, so no block's full token sequence outlives its pooling (ViT-B,
         # batch 256: 12 blocks' sequences would be ~1.9 GB), and only the blocks asked for are kept
         pooled: dict[int, torch.Tensor] = {}
@@ -120,6 +123,7 @@ class BeitClassifier(Beit):
             if b in blocks:  # patch tokens [B, N, D] -> [B, D] (mean) or [B, N*D] (grid)
                 pooled[b] = x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 1:].flatten(1)
         return torch.stack([pooled[b] for b in blocks])  # [len(blocks), B, F]
+
 
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:
     """A checkpoint written by `beit finetune` / `beit scratch`."""

@@ -140,17 +140,36 @@ def _params_of(data: dict) -> dict:
     return chosen if isinstance(chosen, dict) else {}
 
 
-def _metric_of(data: dict, path: Optional[str], key: str) -> Optional[float]:
-    if path is None:
-        return None
+def _metrics_file(data: dict, path: Optional[str]) -> Optional[dict]:
+    """The parsed metrics JSON at `path` in one `dvc exp show` entry, or None."""
     files = data.get("metrics") or {}
-    if not isinstance(files, dict):
+    if path is None or not isinstance(files, dict):
         return None
     want = Path(path).as_posix().removeprefix("./")
     for name, entry in files.items():
         if Path(str(name)).as_posix().removeprefix("./") == want and isinstance(entry, dict):
-            return _pct(entry.get("data") if isinstance(entry.get("data"), dict) else None, key)
+            return entry.get("data") if isinstance(entry.get("data"), dict) else None
     return None
+
+
+def _metric_of(data: dict, path: Optional[str], key: str) -> Optional[float]:
+    return _pct(_metrics_file(data, path), key)
+
+
+TRAINED = ("pretrain", "finetune", "scratch")  # the stages whose metrics say their arithmetic ("amp")
+
+
+def precision(files: list[Optional[dict]]) -> Optional[str]:
+    """The arithmetic the training stages' metrics files say they really ran in ("bf16", "fp32",
+    or e.g. "bf16/fp32" when they differ): `amp: bf16` falls back to fp32 on a CPU without bf16
+    kernels, so one recipe runs in either, by machine. None before the stages wrote it."""
+    seen: list[str] = []
+    for data in files:
+        amp = (data or {}).get("amp")
+        if isinstance(amp, str):
+            amp = "fp32" if amp == "none" else amp
+            seen += [] if amp in seen else [amp]
+    return "/".join(seen) or None
 
 
 def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str],
@@ -183,6 +202,7 @@ def _exp_row(entry: dict, kind: str, name: Optional[str], baseline: Optional[str
     row["linear_probe_grid"] = _metric_of(data, sources.get("linear_probe"), "grid_top1")
     row["knn_grid"] = _metric_of(data, sources.get("knn"), "grid_top1")
     row["mim_acc"] = _metric_of(data, sources.get("pretrain"), "eval_acc")
+    row["precision"] = precision([_metrics_file(data, sources.get(stage)) for stage in TRAINED])
     seg = params.get("segment")
     row["segment_init"] = seg.get("init") if isinstance(seg, dict) else None
     row["segment_miou"] = _metric_of(data, sources.get("segment"), "miou")
@@ -280,7 +300,8 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
     lines = ["# BEiT pipeline results", ""]
     lines.append("Run: " + ", ".join(f"{k}={_fmt(context.get(k))}" for k in
                                      ("model", "source", "image_size", "mask_ratio", "masking", "target",
-                                      "seed")))
+                                      "seed"))
+                 + f", precision={precision([metrics.get(stage) for stage in TRAINED]) or '—'}")
     lines.append("")
     lines += [scale_caption(context), ""]
     if figure:
@@ -323,7 +344,7 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
                                  "`-S target=pixels`, `-S mask_ratio=0.3`, then `beit report`.")
     else:
         head = ["experiment", "rev", "recipe", "pooled", *EXP_PARAMS, "finetune top-1 (%)", "scratch top-1 (%)",
-                "finetune − scratch", "linear probe (%)", "kNN (%)", "masked-token acc (%)"]
+                "finetune − scratch", "linear probe (%)", "kNN (%)", "masked-token acc (%)", "precision"]
         body = []
         for r in experiments or []:
             delta = (r["finetune_top1"] - r["scratch_top1"]
@@ -335,7 +356,8 @@ def render_markdown(context: dict, sources: dict[str, Optional[str]], metrics: d
             mark = f"**{mark}**" if mark == recipe else mark
             body.append([label, r["rev"], mark, _pooled_label(r, recipe, recipes), *(_fmt(r[k]) for k in EXP_PARAMS), _fmt(r["finetune_top1"]),
                          _fmt(r["scratch_top1"]), "—" if delta is None else f"{delta:+.2f}",
-                         _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"])])
+                         _fmt(r["linear_probe_top1"]), _fmt(r["knn_top1"]), _fmt(r["mim_acc"]),
+                         r.get("precision") or "—"])
         lines += table(head, body)
         recorded = sum(bool(r.get("from_ledger")) for r in exps)
         source = (f"{len(exps) - recorded} from `dvc exp show --json`, {recorded} recorded in the ledger "

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from helpers import fake_tokens, make_shards, tiny_params
+from model.engine import effective_amp
 from stages.pretrain import pretrain, run_fingerprint
 
 
@@ -43,6 +44,8 @@ def test_end_to_end_writes_model_metrics_and_curves(world):
     assert metrics["steps"] == 2 * (120 // 16)
     saved = json.loads((tmp / "e2e/m.json").read_text())
     assert set(saved) >= {"train_loss", "train_acc", "eval_loss", "eval_acc", "img_per_s"}
+    # the arithmetic the steps really ran in: `amp` as configured, or "none" where bf16 fell back
+    assert saved["amp"] == effective_amp(p.pretrain.optim.amp, torch.device("cpu"))
     assert 0.0 <= saved["eval_acc_foreground"] <= 1.0 and 0.0 < saved["eval_foreground_share"] <= 1.0
     # fake tokens have 64 levels: loss starts near ln(64) and must have moved down
     rows = (tmp / "e2e/c.tsv").read_text().splitlines()

@@ -194,6 +194,31 @@ def test_choose_prefers_the_block_that_separates_on_the_holdout():
     assert choose(no_holdout, [(0, 5), (1, 5)], knn_top1) == ((0, 5), [])  # nothing to choose on
 
 
+def test_each_feature_sets_input_map_is_prepared_once(tmp_path, monkeypatch):
+    """A whitened token grid's map costs an eigendecomposition: the final fit of the chosen set
+    reuses the one its holdout fits made, even when the search has moved on to another set."""
+    from stages import probe as stage
+    from stages.probe import ProbeData, fit_linear_scored
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 3
+    signal = torch.nn.functional.one_hot(y, 3).float() * 3 + torch.randn(120, 3, generator=g) * 0.3
+    x = torch.stack([signal, torch.randn(120, 3, generator=g)])  # [L=2, N, D]: block 1 is the one to choose
+    data = ProbeData((x[:, :60], y[:60]), (x[:, 60:], y[60:]), (x, y), (1, 2), 3)
+    calls = []
+
+    def counting(features, whiten):
+        calls.append((features.data_ptr(), whiten))
+        return prepare(features, whiten)
+
+    prepare = stage.prepare
+    monkeypatch.setattr(stage, "prepare", counting)
+    params = tiny_params(tmp_path, probe={"l2s": [1e-2, 1.0], "whiten": [False, True], "max_iter": 50})
+    m = fit_linear_scored(params, data)
+    assert m["block"] == 1 and len(m["holdout"]) == 8
+    assert sorted(calls) == sorted({(x[i, :60].data_ptr(), w) for i in (0, 1) for w in (False, True)})
+
+
 def test_probe_validation_too_large_names_the_key(tmp_path):
     from stages.config import ConfigError
     from stages.probe import probe_data

@@ -160,12 +160,33 @@ def test_report_all_metrics(tmp_path, params):
     assert [table_row(md, v)[3] for v, *_ in rep.PAPER_ABLATION] == ["82.86", "82.77", "81.04", "80.50"]
     recipe = rep.recipe_of(params)
     assert table_row(md, "elfin-duff") == ["elfin-duff", "e952797", f"**{recipe}**", "all", "0.40", "random", "pixels", "0",
-                                           "73.00", "—", "—", "—", "—", "20.00"]  # scratch: the default row's
+                                           "73.00", "—", "—", "—", "—", "20.00", "—"]  # scratch: the default row's
     assert table_row(md, "master (baseline)")[8] == "80.00"
     assert table_row(md, "laced-adze")[4] == "0.30"
     assert "![results](results.png)" in md
     assert "Missing" not in md
     assert "ran another recipe" not in md  # every row is this run's recipe
+
+
+def test_precision_says_what_the_training_stages_really_ran_in(tmp_path, params):
+    """`amp: bf16` trains in fp32 on a CPU without bf16 kernels: the report says which one each
+    run's training stages ran in, from their metrics files, and "—" for runs that do not say."""
+    assert rep.precision([{"amp": "bf16"}, {"amp": "bf16"}, None]) == "bf16"
+    assert rep.precision([{"amp": "none"}, {"amp": "bf16"}, {"amp": "none"}]) == "fp32/bf16"
+    assert rep.precision([{"top1": 0.5}, None, {"amp": 3}]) is None
+    write_metrics(tmp_path, params)
+    for name in ("pretrain", "finetune", "scratch"):
+        path = tmp_path / rep.metric_sources(params)[name]
+        path.write_text(json.dumps({**json.loads(path.read_text()), "amp": "none"}))
+    raw = exp_sample()
+    rev = raw[1]["experiments"][0]["revs"][0]
+    rev["data"]["metrics"]["metrics/finetune.json"]["data"]["amp"] = "bf16"
+    rev["data"]["metrics"]["metrics/pretrain.json"]["data"]["amp"] = "none"
+    rep.report(params, exp_json=raw, root=tmp_path)
+    md = (tmp_path / params.outputs.report.markdown).read_text()
+    assert md.splitlines()[2].endswith(", seed=0, precision=fp32")
+    assert table_row(md, rev["name"])[-1] == "fp32/bf16"
+    assert table_row(md, "laced-adze")[-1] == "—"
 
 
 def test_rows_of_another_recipe_are_listed_but_not_pooled(tmp_path, params):
