@@ -335,6 +335,8 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
 @click.option("--threads", default=1, show_default=True, help="torch threads for the step benches.")
 @click.option("--loader-images", default=3000, show_default=True)
 @click.option("--loader-batch", default=128, show_default=True)
+@click.option("--loader-shards", default=2, show_default=True,
+              help="shards the fashion loader images are split into (the default pipeline's: 5,000 images a shard).")
 @click.option("--views", default=8, show_default=True)
 @click.option("--dalle/--no-dalle", default=True, show_default=True)
 @click.option("--step/--no-step", default=True, show_default=True, help="the step benches (a)/(b).")
@@ -347,7 +349,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
 @click.option("--legacy/--no-legacy", default=True, show_default=True,
               help="also time the pre-change loader (tests/reference_loader.py) side by side.")
 def main(batch: int, steps: int, dalle_batch: int, vit: str, repeats: int, threads: int,
-         loader_images: int, loader_batch: int, views: int, dalle: bool, step: bool, scale: str,
+         loader_images: int, loader_batch: int, loader_shards: int, views: int, dalle: bool, step: bool, scale: str,
          shuffle_buffer: int, imagenet_images: int, imagenet_batch: int, legacy: bool) -> None:
     from model.dalle import DalleConfig, DalleVAE
     from model.dvae import DVAE
@@ -368,7 +370,7 @@ def main(batch: int, steps: int, dalle_batch: int, vit: str, repeats: int, threa
         try:
             if sc == "fashion":
                 summary.update(bench_loader(tmp, loader_images, loader_batch, repeats, views, sc,
-                                            shuffle_buffer, legacy=legacy))
+                                            shuffle_buffer, n_shards=loader_shards, legacy=legacy))
             else:
                 summary.update(bench_loader(tmp, imagenet_images, imagenet_batch, repeats, views, sc,
                                             imagenet_batch * 4, legacy=legacy))
