@@ -168,7 +168,8 @@ def precision(files: list[Optional[dict]]) -> Optional[str]:
         amp = (data or {}).get("amp")
         if isinstance(amp, str):
             amp = "fp32" if amp == "none" else amp
-            seen += [] if amp in seen else [amp]
+            if amp not in seen:
+                seen.append(amp)
     return "/".join(seen) or None
 
 

@@ -205,13 +205,12 @@ def test_each_feature_sets_input_map_is_prepared_once(tmp_path, monkeypatch):
     signal = torch.nn.functional.one_hot(y, 3).float() * 3 + torch.randn(120, 3, generator=g) * 0.3
     x = torch.stack([signal, torch.randn(120, 3, generator=g)])  # [L=2, N, D]: block 1 is the one to choose
     data = ProbeData((x[:, :60], y[:60]), (x[:, 60:], y[60:]), (x, y), (1, 2), 3)
-    calls = []
+    calls, original = [], stage.prepare
 
     def counting(features, whiten):
         calls.append((features.data_ptr(), whiten))
-        return prepare(features, whiten)
+        return original(features, whiten)
 
-    prepare = stage.prepare
     monkeypatch.setattr(stage, "prepare", counting)
     params = tiny_params(tmp_path, probe={"l2s": [1e-2, 1.0], "whiten": [False, True], "max_iter": 50})
     m = fit_linear_scored(params, data)
