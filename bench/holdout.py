@@ -4,7 +4,8 @@
 
 Each run is `beit finetune` / `beit scratch` on params.yaml with `finetune.validation: 5000`
 (5,000 train images outside the label subset, disjoint by construction:
-`pipeline/classify.py: holdout_subset`) and the given dotted overrides, e.g.
+`pipeline/classify.py: holdout_subset`), 2,000 of them scored after every epoch for the curve
+(`finetune.eval_samples`; the holdout is no test split), and the given dotted overrides, e.g.
 `finetune.loop.batch_size=32 finetune.optim.lr=4.0e-3`. Its outputs go under
 `runs/holdout/NAME/` (models/ and metrics/ are left alone), and one JSON line with the
 settings, the per-epoch holdout top-1, the last train loss, img/s and wall time is appended
@@ -54,7 +55,7 @@ def main() -> None:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     tree = yaml.safe_load(Path(args.params).read_text())
-    for dotted in [f"finetune.validation={VALIDATION}", *args.over]:
+    for dotted in [f"finetune.validation={VALIDATION}", "finetune.eval_samples=2000", *args.over]:
         override(tree, dotted)
     out = ROOT / "runs" / "holdout" / args.name
     out.mkdir(parents=True, exist_ok=True)

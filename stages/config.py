@@ -212,9 +212,14 @@ class FinetuneConfig:
     augment: AugmentConfig = AugmentConfig()  # timm RandAugment + random erasing after the view
     mix: MixConfig = MixConfig()  # mixup / cutmix / label smoothing
     drop_path: float = 0.1
-    eval_samples: Optional[int] = 2000  # per-epoch eval subset; the last epoch evaluates the whole split
+    # After each epoch but the last, score the eval split's first N images (a curve); 0: don't,
+    # the split is scored once, after the last epoch (the reported metric); None: all of it.
+    eval_samples: Optional[int] = 0
 
     def __post_init__(self) -> None:
+        if self.eval_samples is not None and self.eval_samples < 0:
+            raise ValueError(f"eval_samples={self.eval_samples}: must be >= 0 (0: score only after the last "
+                             "epoch) or null (the whole split every epoch)")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction={self.label_fraction}: must be in (0, 1], e.g. 0.1")
         if self.validation is not None and (self.validation < 1 or self.label_fraction == 1.0):

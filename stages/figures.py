@@ -59,8 +59,8 @@ def plot_curves(tsv: str | Path, png: str | Path, ys: list[str], title: str,
     fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.2), squeeze=False)
     for ax, y in zip(axes[0], ys):
         pts = [(float(r[x]), float(r[y])) for r in rows if r.get(y) not in (None, "")]
-        if pts:
-            ax.plot(*zip(*pts), lw=1.2)
+        if pts:  # a lone point (fine-tuning scored once, after the last epoch) needs a marker to show
+            ax.plot(*zip(*pts), lw=1.2, marker="o" if len(pts) == 1 else None)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         if logy and y in logy:

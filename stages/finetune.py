@@ -9,8 +9,9 @@ schedule, all seeded from params.seed only. Each command writes its own
 `outputs.<kind>` record.
 
 The loop is stages/loop.py's `fit`: resumable under `<outputs.runs>/<kind>-<fingerprint>/`,
-top-1/top-5 on the eval split after every epoch (the first `eval_samples` images; the
-last epoch scores the whole split, and that is the reported metric).
+top-1/top-5 on the whole eval split after the last epoch (the reported metric); with
+`eval_samples: N` also on its first N images after every other epoch (a curve; 0, the default,
+scores the test split once).
 """
 from __future__ import annotations
 
@@ -182,6 +183,8 @@ def run(params: Params, env: Dist, kind: Kind, init: Optional[str], stop_after: 
         return {"image": x.to(env.device), "target": y.to(env.device)}
 
     def score(final: bool) -> dict:
+        if not final and cfg.eval_samples == 0:  # scored once, after the last epoch
+            return {}
         return evaluate(stepper.model, eval_data, micro, workers, env, None if final else cfg.eval_samples)
 
     task = Task(kind, COLUMNS, micro_batches, mixed, classify_loss, score)

@@ -72,7 +72,8 @@ class Task:
     batches: Callable[[int, int], Iterator[dict]]  # (epoch, micro-batches to skip) -> raw micro-batches
     prepare: Callable[[dict, int, int], dict]  # (raw micro-batch, step, micro index) -> batch on the device
     loss: Callable[[torch.nn.Module, dict], tuple]  # (net, batch) -> (loss, {metric: float})
-    evaluate: Optional[Callable[[bool], dict]] = None  # after every epoch; True on the last one
+    # after every epoch, True on the last one -> scores, or {} where the task scores nothing then
+    evaluate: Optional[Callable[[bool], dict]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +171,12 @@ def fit(task: Task, stepper: Stepper, plan: StepPlan, loop: LoopConfig, run_dir:
                 done_epoch = in_epoch == plan.steps[epoch]
                 if done_epoch and task.evaluate is not None:
                     # before the checkpoint, so a resumed run never skips an evaluation
-                    scores = task.evaluate(epoch == loop.epochs - 1)
-                    if log is not None:
-                        log.append({"step": step, "epoch": epoch, **scores})
+                    new = task.evaluate(epoch == loop.epochs - 1)  # {}: nothing scored this epoch
+                    if new and log is not None:
+                        log.append({"step": step, "epoch": epoch, **new})
                         bar.write(f"{task.name} epoch {epoch + 1}/{loop.epochs}: "
-                                  + " ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+                                  + " ".join(f"{k} {v:.4f}" for k, v in new.items() if isinstance(v, float)))
+                    scores = new or scores
                 if step % loop.checkpoint_every == 0 or step == stop_after or (done_epoch and step < total):
                     checkpoint(run_dir, step, stepper, env, epoch, in_epoch, plan.steps[epoch], last)
                 if stop_after is not None and step >= stop_after and step < total:

@@ -8,7 +8,9 @@ ledger and in the table, but must not be averaged with, or judged against, the n
 The fingerprint covers every param except
 - the knobs a row is compared on: `seed`, `mask_ratio`, `masking`, `target`, and
   `segment.init` / `segment.init_path` (the segmentation table's rows);
-- what changes no trajectory: `report`, `outputs`.
+- what changes no trajectory: `report`, `outputs`, and `finetune.eval_samples` (how much of the
+  eval split is scored between epochs: the reported score is the last epoch's whole split, and
+  tests/test_finetune.py checks the weights come out the same).
 
 Per metric (`recipes_of`): a metric's fingerprint covers only the params its stage and the
 stages upstream of it read, as dvc.yaml declares them (`metric_params`). That is exactly the
@@ -32,6 +34,7 @@ from stages.config import ConfigError, Params, from_dict
 
 KNOBS = ("seed", "mask_ratio", "masking", "target")
 NOT_RECIPE = ("report", "outputs")
+NOT_RECIPE_FIELDS = (("finetune", "eval_samples"),)  # (section, field): see the module doc
 SEGMENT_KNOBS = ("init", "init_path")
 
 
@@ -72,6 +75,11 @@ def _recipe_tree(params: Params | dict | None) -> Optional[dict]:
     tree = _non_default(params)
     for key in (*KNOBS, *NOT_RECIPE):
         tree.pop(key, None)
+    for section, field in NOT_RECIPE_FIELDS:
+        sub = tree.get(section, {})
+        sub.pop(field, None)
+        if not sub:
+            tree.pop(section, None)
     seg = tree.get("segment", {})
     for key in SEGMENT_KNOBS:
         seg.pop(key, None)

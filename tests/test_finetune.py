@@ -78,6 +78,22 @@ def test_resume_after_stop_equals_uninterrupted(world, uninterrupted, monkeypatc
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_scoring_only_after_the_last_epoch_trains_the_same_weights(world, uninterrupted, monkeypatch):
+    """eval_samples 0 (the default) scores the test split once, at the end; the per-epoch
+    scoring it skips has no effect on training: the same weights, to the bit."""
+    full_params, full = uninterrupted
+    params = params_for(world, "once", eval_samples=0)
+    (world / "once").mkdir()
+    monkeypatch.chdir(world / "once")
+    once = finetune(params)
+    assert once["epoch_top1"] == full["epoch_top1"][-1:] and len(full["epoch_top1"]) == 2
+    assert {k: once[k] for k in ("top1", "top5", "eval_loss", "train_loss", "eval_samples")} == \
+        {k: full[k] for k in ("top1", "top5", "eval_loss", "train_loss", "eval_samples")}
+    a = load_classifier(full_params.outputs.finetune.dir).state_dict()
+    b = load_classifier(params.outputs.finetune.dir).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_validation_scores_a_train_holdout_not_the_test_split(world, uninterrupted, monkeypatch):
     from pipeline.classify import open_labelled
     full_params, full = uninterrupted

@@ -27,6 +27,15 @@ def test_knobs_and_outputs_are_not_the_recipe():
                           report__ledger=None, outputs__runs="elsewhere")) == base
 
 
+def test_scoring_between_epochs_is_not_the_recipe():
+    """finetune.eval_samples only draws a curve (the weights are the same: test_finetune.py), so
+    rows recorded when 2,000 test images were scored every epoch pool with today's."""
+    base = recipe_of(tree())
+    assert TREE["finetune"]["eval_samples"] == 0
+    assert recipe_of(tree(finetune__eval_samples=2000)) == recipe_of(tree(finetune__eval_samples=None)) == base
+    assert recipe_of(tree(segment__eval_samples=50)) != base  # segment's is still part of it
+
+
 def test_a_key_left_out_equals_its_default():
     """Old params files lack the fields added since; their rows keep their recipe."""
     t = tree()
