@@ -112,17 +112,24 @@ class BeitClassifier(Beit):
         """The patch tokens (no CLS, no fc_norm) after each of `blocks` (counted from 1), from one
         pass. pool "mean": their average, paper App. D's linear-probe feature: [len(blocks), B, D];
         "grid": every token kept in place, flattened in grid order: [len(blocks), B, N*D]."""
+        return self.pooled_blocks_by(images, blocks, (pool,))[pool]
+
+    def pooled_blocks_by(self, images: torch.Tensor, blocks: Sequence[int], pools: Sequence[Pool]
+                         ) -> dict[str, torch.Tensor]:
+        """`pooled_blocks` for each of `pools` from the same single pass: pool -> [len(blocks), B, F]."""
         if not blocks or not all(1 <= b <= len(self.blocks) for b in blocks):
             raise ValueError(f"blocks={list(blocks)}: each must be in 1..{len(self.blocks)}")
-        if pool not in get_args(Pool):
-            raise ValueError(f"pool={pool!r}: must be one of {', '.join(map(repr, get_args(Pool)))}")
+        for pool in pools:
+            if pool not in get_args(Pool):
+                raise ValueError(f"pool={pool!r}: must be one of {', '.join(map(repr, get_args(Pool)))}")
         # pooled as each block yields, so no block's full token sequence outlives its pooling (ViT-B,
         # batch 256: 12 blocks' sequences would be ~1.9 GB), and only the blocks asked for are kept
-        pooled: dict[int, torch.Tensor] = {}
+        pooled: dict[str, dict[int, torch.Tensor]] = {pool: {} for pool in pools}
         for b, x in enumerate(self.block_outputs(images, max(blocks)), 1):  # x: [B, 1+N, D]
             if b in blocks:  # patch tokens [B, N, D] -> [B, D] (mean) or [B, N*D] (grid)
-                pooled[b] = x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 1:].flatten(1)
-        return torch.stack([pooled[b] for b in blocks])  # [len(blocks), B, F]
+                for pool in pools:
+                    pooled[pool][b] = x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 1:].flatten(1)
+        return {pool: torch.stack([by[b] for b in blocks]) for pool, by in pooled.items()}  # [len(blocks), B, F]
 
 
 def load_classifier(ckpt_dir: str | Path) -> BeitClassifier:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -105,7 +106,11 @@ def prepare(x: torch.Tensor, whiten: bool) -> InputMap:
         # dropped, not floored: past rank N-1 they are rounding noise, and no fit image has any
         # component along them to learn a weight from.
         c = (kept - mean) * root  # [N, D']
-        eig, u = torch.linalg.eigh(c @ c.T / (n - 1))  # [N], [N, N]: ascending
+        # numpy's LAPACK (OpenBLAS dsyevd), not torch's (MKL): the same float64 decomposition up to
+        # rounding, in 20.7 s instead of 31-36 s for the default's 6,000 x 6,000 Gram on a 2-core AMD
+        # EPYC, x6 blocks a probe (bench/eigh.py prints the ratio). Rounding already differs between
+        # thread counts (MKL at 1 and 2 threads: eigenvectors 7e-5 apart), so no bits were stable here.
+        eig, u = (torch.from_numpy(a) for a in np.linalg.eigh((c @ c.T / (n - 1)).numpy()))  # [N], [N, N]: ascending
         keep = eig >= EIGEN_FLOOR * float(eig[-1].clamp_min(1e-30))
         eig, u = eig[keep], u[:, keep]  # [r], [N, r]
         vec = (c.T @ u) / (eig * (n - 1)).sqrt()  # [D', r] orthonormal eigenvectors of the covariance

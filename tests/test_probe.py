@@ -281,3 +281,30 @@ def test_pooled_blocks_grid_keeps_every_patch_token_in_place(tmp_path):
     torch.testing.assert_close(grid.view(2, 3, n, d).mean(2), mean)
     with pytest.raises(ValueError, match="pool='cls'"):
         model.pooled_blocks(images, (1,), pool="cls")
+    with torch.no_grad():
+        both = model.pooled_blocks_by(images, (1, 2), ("mean", "grid"))  # one pass, both pools
+    assert torch.equal(both["mean"], mean) and torch.equal(both["grid"], grid)
+
+
+def test_one_encoder_pass_caches_the_mean_and_grid_features_alike(tmp_path, monkeypatch):
+    """With probe.grid, each split's encoder pass fills both caches, and the features are the
+    bits a pass for one pool alone gives."""
+    import stages.probe as probe_mod
+    from stages.probe import cached_features
+
+    params = tiny_params(tmp_path, probe={"num_workers": 0, "batch_size": 16, "block": "auto", "grid": True},
+                         outputs={"runs": str(tmp_path / "runs")})
+    make_shards(tmp_path, params, n_train=24, n_test=8)
+    save_stand_in_encoder(params, seed=0, depth=2)
+    split = open_labelled(Path(params.outputs.shards) / "test")
+    passes = []
+    real = probe_mod.extract_features
+    monkeypatch.setattr(probe_mod, "extract_features", lambda *a, **k: passes.append(a[-1]) or real(*a, **k))
+    mean, labels, blocks = cached_features(params, split, "test")
+    grid, grid_labels, _ = cached_features(params, split, "test", pool="grid")
+    assert passes == [("mean", "grid")] and blocks == (1, 2) and torch.equal(labels, grid_labels)
+    alone = dataclasses.replace(params, probe=dataclasses.replace(params.probe, grid=False),
+                                outputs=dataclasses.replace(params.outputs, runs=str(tmp_path / "alone")))
+    assert torch.equal(cached_features(alone, split, "test")[0], mean)
+    assert torch.equal(cached_features(alone, split, "test", pool="grid")[0], grid)
+    assert passes[1:] == [("mean",), ("grid",)]  # grid off: one pool a pass
