@@ -128,7 +128,8 @@ def cached_features(params: Params, split: LabelledSplit, name: str, pixels: boo
         pooled, labels = extract_features(model, split, size, cfg.batch_size, cfg.num_workers, blocks,
                                           setup_distributed(cfg.device).device, (pool, *also))
     for q, feats in pooled.items():
-        click.echo(f"features: {name} {q} {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {cache(q)}")
+        what = "pixels" if pixels else q
+        click.echo(f"features: {name} {what} {tuple(feats.shape)} in {time.perf_counter() - t0:.1f} s -> {cache(q)}")
         with atomic_file(cache(q)) as tmp:  # a killed run leaves no half-written cache
             save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp))
     return pooled[pool], labels, blocks
