@@ -106,11 +106,13 @@ def cached_features(params: Params, split: LabelledSplit, name: str, pixels: boo
         config = check_pretrained(ckpt, model=params.model, image_size=params.data.image_size)
         blocks = probe_blocks(params, int(config["depth"]))
 
+    # hashed once: cache() names each pool's file, and a ViT-B checkpoint is 350 MB
+    source = {"pixels": True} if pixels else {"ckpt": file_fingerprint(ckpt / WEIGHTS), "blocks": blocks}
+
     def cache(q: Pool) -> Path:
-        source = {"pixels": True} if pixels else {"ckpt": file_fingerprint(ckpt / WEIGHTS), "blocks": blocks}
-        if q != "mean" and not pixels:  # the mean-pooled caches keep the fingerprints they always had
-            source["pool"] = q
-        fp = json_fingerprint({**source, "split": split.fingerprint, "image_size": params.data.image_size})
+        # the mean-pooled caches keep the fingerprints they always had: no "pool" key
+        pool_key = {"pool": q} if q != "mean" and not pixels else {}
+        fp = json_fingerprint({**source, **pool_key, "split": split.fingerprint, "image_size": params.data.image_size})
         return Path(params.outputs.runs) / f"features-{fp}" / f"{name}.safetensors"
 
     path = cache(pool)

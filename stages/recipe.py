@@ -34,8 +34,9 @@ from stages.config import ConfigError, Params, from_dict
 
 KNOBS = ("seed", "mask_ratio", "masking", "target")
 NOT_RECIPE = ("report", "outputs")
-NOT_RECIPE_FIELDS = (("finetune", "eval_samples"),)  # (section, field): see the module doc
 SEGMENT_KNOBS = ("init", "init_path")
+# (section, field) pairs left out, as above: the segmentation table's knobs, and the scoring between epochs
+NOT_RECIPE_FIELDS = (*(("segment", k) for k in SEGMENT_KNOBS), ("finetune", "eval_samples"))
 
 
 def _non_default(obj: Any) -> Any:
@@ -80,11 +81,6 @@ def _recipe_tree(params: Params | dict | None) -> Optional[dict]:
         sub.pop(field, None)
         if not sub:
             tree.pop(section, None)
-    seg = tree.get("segment", {})
-    for key in SEGMENT_KNOBS:
-        seg.pop(key, None)
-    if not seg:
-        tree.pop("segment", None)
     return tree
 
 
