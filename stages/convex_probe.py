@@ -126,23 +126,45 @@ def prepare(x: torch.Tensor, whiten: bool) -> InputMap:
     return InputMap(mean, transform, columns)
 
 
+def objective(z: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+              l2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy of z @ w + b + l2 / 2 * ||w||^2, its gradient in w [D', K], in b [K]) for
+    z [N, D'], its transpose zt [D', N] (contiguous), labels y [N].
+
+    The same float64 ops as autograd on that expression, in the order its backward runs (log-softmax
+    backward, then w's three gradient terms summed as its input buffer does), so every bit is the
+    same (tests/test_probe.py): the fits keep their iterates, choices and metrics. Why by hand:
+    autograd reads z transposed for the w gradient (z^T g with z row-major), which MKL's gemm runs at
+    half speed on these tall-skinny shapes; the stored zt gives the same sums (the kernel's reduction
+    order is the same) at 1.3-2x the closure's speed (6,000 x 1,332: 30.6 -> 15.7 ms)."""
+    n, classes = len(y), w.shape[1]
+    logits = z @ w + b  # [N, K]
+    logp = F.log_softmax(logits, 1)  # [N, K]
+    loss = F.nll_loss(logp, y) + 0.5 * l2 * (w * w).sum()  # = F.cross_entropy(logits, y) + penalty
+    dloss = torch.zeros(n, classes, dtype=logp.dtype)  # [N, K]: nll_loss's mean-reduction gradient
+    dloss[torch.arange(n), y] = -1.0 / n
+    g = torch.ops.aten._log_softmax_backward_data(dloss, logp, 1, logp.dtype)  # [N, K] d loss / d logits
+    half = torch.full_like(w, 0.5 * l2) * w  # [D', K]: each factor of w * w gets grad * the other
+    return loss, (half + half) + zt @ g, g.sum(0)
+
+
 def solve(inputs: InputMap, z: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
           max_iter: int) -> LinearProbe:
     """The probe on z = inputs(x) [N, D'], labels y [N], minimising mean cross-entropy
     + l2 / 2 * ||W||^2 (bias unpenalised), in float64, from zero weights."""
-    w = torch.zeros(z.shape[1], classes, dtype=torch.float64, requires_grad=True)  # [D', K]
-    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)  # [K]
+    w = torch.zeros(z.shape[1], classes, dtype=torch.float64)  # [D', K]
+    b = torch.zeros(classes, dtype=torch.float64)  # [K]
+    zt = z.T.contiguous()  # [D', N]: see `objective`
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 
+    @torch.no_grad()
     def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
+        loss, w.grad, b.grad = objective(z, zt, y, w, b, l2)
         return loss
 
     opt.step(closure)
-    return LinearProbe(inputs, w.detach(), b.detach(), int(opt.state[w]["n_iter"]))
+    return LinearProbe(inputs, w, b, int(opt.state[w]["n_iter"]))
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, whiten: bool,

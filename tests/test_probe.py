@@ -113,6 +113,53 @@ def test_fit_logistic_reaches_the_optimum_of_the_penalised_loss():
     assert topk_accuracy(a(x), y)["top1"] > 0.8
 
 
+def autograd_objective(z, y, w, b, l2):
+    """The probe's loss and gradients as autograd computes them (the closure `objective` replaced)."""
+    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
+    loss.backward()
+    return loss.detach(), w.grad, b.grad
+
+
+@pytest.mark.parametrize("n,d", [(300, 40), (120, 700)])  # more images than columns, and fewer (a token grid)
+def test_the_probe_objective_is_autograds_bit_for_bit(n, d):
+    from stages.convex_probe import objective
+
+    g = torch.Generator().manual_seed(n + d)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)
+    y = torch.randint(0, 7, (n,), generator=g)
+    w = torch.randn(d, 7, generator=g, dtype=torch.float64) * 0.1
+    b = torch.randn(7, generator=g, dtype=torch.float64)
+    for l2 in (0.0, 1e-4, 0.1, 10.0):
+        ours = objective(z, z.T.contiguous(), y, w, b, l2)
+        for a, o in zip(autograd_objective(z, y, w, b, l2), ours):
+            assert a.dtype == o.dtype and a.shape == o.shape and torch.equal(a, o)
+
+
+def test_solve_takes_autograds_lbfgs_path_bit_for_bit():
+    """The fit with the hand-written closure ends on the very weights the autograd closure gave."""
+    from stages.convex_probe import prepare, solve
+
+    x, y = blobs(80, 5, dim=12)
+    inputs = prepare(x, whiten=True)
+    z = inputs(x)
+    ours = solve(inputs, z, y, 5, l2=1e-2, max_iter=200)
+    w = torch.zeros(z.shape[1], 5, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5 * 1e-2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert ours.iterations == opt.state[w]["n_iter"] > 5
+    assert torch.equal(ours.weight, w.detach()) and torch.equal(ours.bias, b.detach())
+
+
 def test_fit_logistic_fits_repeated_columns_once_and_solves_the_full_problem():
     """A grey image replicated to RGB repeats every pixel: the fit keeps one copy of each
     (scaled by sqrt(copies)) and must still be the optimum of the problem over all columns."""
