@@ -201,7 +201,7 @@ def run(params: Params, env: Dist, kind: Kind, init: Optional[str], stop_after: 
                "eval_samples": scores["eval_samples"], "eval_on": scored, "train_samples": train.num_samples,
                "label_fraction": cfg.label_fraction, "epochs": cfg.loop.epochs, "steps": plan.total,
                "init": init_fp.split("-")[0], "train_loss": last.get("loss"),
-               "img_per_s": last.get("img_per_s"), "amp": stepper.amp,
+               "img_per_s": last.get("img_per_s"), "amp": result.amp,
                "epoch_top1": [float(r["eval_top1"]) for r in history]}
     if env.main:
         paths = getattr(out, kind)

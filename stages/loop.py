@@ -80,12 +80,19 @@ class Task:
 class FitResult:
     last: dict  # the last logged step row (loss, lr, img_per_s, task metrics)
     scores: dict  # the last evaluation, {} when the task has none or it ran before a resume
+    # the arithmetic every process that trained this run applied (`Stepper.amp`), in the order they
+    # did, "+"-joined: "bf16", or "none+bf16" for a run stopped on a CPU without bf16 kernels and
+    # resumed on one with them; "unknown" stands for steps from a checkpoint that did not record it
+    amp: str = ""
     stopped_at: Optional[int] = None  # set when `stop_after` interrupted the run
 
+# What a checkpoint written before checkpoints recorded their arithmetic stands for in FitResult.amp.
+UNRECORDED_AMP = "unknown"
 
-def resume(run_dir: Path, stepper: Stepper, warn: bool = True) -> tuple[int, int, int, dict]:
-    """(step, epoch, step within epoch, last logged row) of the newest readable complete
-    checkpoint, or zeros and {}.
+
+def resume(run_dir: Path, stepper: Stepper, warn: bool = True) -> tuple[int, int, int, dict, list[str]]:
+    """(step, epoch, step within epoch, last logged row, the arithmetic of the steps so far) of the
+    newest readable complete checkpoint, or zeros, {} and [].
 
     A damaged newest checkpoint (truncated copy, disk error) falls back to the one before it,
     with a warning line, rather than stopping: resume is exact from any checkpoint, so the
@@ -104,12 +111,13 @@ def resume(run_dir: Path, stepper: Stepper, warn: bool = True) -> tuple[int, int
             click.echo(f"warning: {bad[0].path}: unreadable checkpoint ({bad[0].why}); resuming from "
                        f"{ckpt.name} instead (the run ends the same; delete {bad[0].path.name} to silence this)", err=True)
         extra = state["extra"]
-        return state["step"], extra["epoch"], extra["in_epoch"], extra.get("last", {})
+        amps = list(extra.get("amps", [UNRECORDED_AMP] if state["step"] else []))
+        return state["step"], extra["epoch"], extra["in_epoch"], extra.get("last", {}), amps
     if bad:
         older = f" and {len(bad) - 1} older one(s)" if len(bad) > 1 else ""
         raise UnreadableCheckpoint(f"{bad[0].path}: unreadable checkpoint ({bad[0].why}){older}, nothing older "
                                    f"to resume from; delete {run_dir} to start the run over")
-    return 0, 0, 0, {}
+    return 0, 0, 0, {}, []
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -124,12 +132,13 @@ def require_finite(stats: dict, step: int, section: str) -> None:
 
 
 def checkpoint(run_dir: Path, step: int, stepper: Stepper, env: Dist, epoch: int,
-               in_epoch: int, epoch_len: int, last: dict) -> None:
+               in_epoch: int, epoch_len: int, last: dict, amps: list[str]) -> None:
     """Save on rank 0 (data position: the next step's epoch and offset; the last logged row,
-    so a run resumed at its end still reports it exactly), then sync ranks."""
+    so a run resumed at its end still reports it exactly; the arithmetic of its steps), then
+    sync ranks."""
     done_epoch = in_epoch == epoch_len
     extra = {"epoch": epoch + 1 if done_epoch else epoch, "in_epoch": 0 if done_epoch else in_epoch,
-             "last": last}
+             "last": last, "amps": amps}
     if env.main:
         save_train_state(run_dir, step, stepper.model, stepper.optimizer, stepper.scaler, extra)
     if env.world > 1:
@@ -139,8 +148,10 @@ def checkpoint(run_dir: Path, step: int, stepper: Stepper, env: Dist, epoch: int
 def fit(task: Task, stepper: Stepper, plan: StepPlan, loop: LoopConfig, run_dir: Path, env: Dist,
         seed: int, stop_after: Optional[int] = None, header: str = "") -> FitResult:
     """Train `stepper.model` through `plan`, resuming from `run_dir`; see the module docstring."""
-    step, epoch, in_epoch, last = resume(run_dir, stepper, warn=env.main)
+    step, epoch, in_epoch, last, amps = resume(run_dir, stepper, warn=env.main)
     total, accum = plan.total, loop.accum_steps
+    if step < total and stepper.amp not in amps:  # this process trains: its arithmetic joins the record
+        amps.append(stepper.amp)
     log = TsvLog(run_dir / "log.tsv", list(task.columns)) if env.main else None
     if log is not None:
         log.truncate_after(step)
@@ -178,8 +189,8 @@ def fit(task: Task, stepper: Stepper, plan: StepPlan, loop: LoopConfig, run_dir:
                                   + " ".join(f"{k} {v:.4f}" for k, v in new.items() if isinstance(v, float)))
                     scores = new or scores
                 if step % loop.checkpoint_every == 0 or step == stop_after or (done_epoch and step < total):
-                    checkpoint(run_dir, step, stepper, env, epoch, in_epoch, plan.steps[epoch], last)
+                    checkpoint(run_dir, step, stepper, env, epoch, in_epoch, plan.steps[epoch], last, amps)
                 if stop_after is not None and step >= stop_after and step < total:
-                    return FitResult(last, scores, stopped_at=step)
+                    return FitResult(last, scores, "+".join(amps), stopped_at=step)
             epoch, in_epoch = epoch + 1, 0
-    return FitResult(last, scores)
+    return FitResult(last, scores, "+".join(amps))

@@ -155,7 +155,7 @@ def run(params: Params, env: Dist, stop_after: Optional[int], verify: bool = Fal
     eval_data = MIMDataset(held, cfg.loader, size, masks, params.seed)
     last = result.last
     metrics = {"steps": plan.total, "train_loss": last.get("loss"), "train_acc": last.get("acc"),
-               "img_per_s": last.get("img_per_s"), "amp": stepper.amp,
+               "img_per_s": last.get("img_per_s"), "amp": result.amp,
                **evaluate(stepper.model, eval_data, micro, env, cfg.eval_batches)}
     if env.main:
         config = {"model": params.model, **dataclasses.asdict(model.config),

@@ -162,12 +162,13 @@ TRAINED = ("pretrain", "finetune", "scratch")  # the stages whose metrics say th
 def precision(files: list[Optional[dict]]) -> Optional[str]:
     """The arithmetic the training stages' metrics files say they really ran in ("bf16", "fp32",
     or e.g. "bf16/fp32" when they differ): `amp: bf16` falls back to fp32 on a CPU without bf16
-    kernels, so one recipe runs in either, by machine. None before the stages wrote it."""
+    kernels, so one recipe runs in either, by machine. A run resumed on another machine says both
+    parts ("fp32+bf16", stages/loop.py: FitResult.amp). None before the stages wrote it."""
     seen: list[str] = []
     for data in files:
         amp = (data or {}).get("amp")
         if isinstance(amp, str):
-            amp = "fp32" if amp == "none" else amp
+            amp = "+".join("fp32" if part == "none" else part for part in amp.split("+"))
             if amp not in seen:
                 seen.append(amp)
     return "/".join(seen) or None

@@ -194,7 +194,7 @@ def run(params: Params, env: Dist, stop_after: Optional[int], verify: bool) -> d
                "eval_on": data.eval_split, "train_scenes": train.num_samples, "init": cfg.init,
                "init_fingerprint": init_fp, "image_size": cfg.size, "epochs": cfg.loop.epochs, "steps": plan.total,
                "train_loss": result.last.get("loss"), "img_per_s": result.last.get("img_per_s"),
-               "amp": stepper.amp, "epoch_miou": [float(r["eval_miou"]) for r in history]}
+               "amp": result.amp, "epoch_miou": [float(r["eval_miou"]) for r in history]}
     if env.main:
         paths = out.segment
         save_checkpoint(paths.dir, stepper.model.state_dict(),

@@ -174,6 +174,8 @@ def test_precision_says_what_the_training_stages_really_ran_in(tmp_path, params)
     assert rep.precision([{"amp": "bf16"}, {"amp": "bf16"}, None]) == "bf16"
     assert rep.precision([{"amp": "none"}, {"amp": "bf16"}, {"amp": "none"}]) == "fp32/bf16"
     assert rep.precision([{"top1": 0.5}, None, {"amp": 3}]) is None
+    # a run stopped on one machine and resumed on another (stages/loop.py: FitResult.amp)
+    assert rep.precision([{"amp": "none+bf16"}, {"amp": "bf16"}]) == "fp32+bf16/bf16"
     write_metrics(tmp_path, params)
     for name in ("pretrain", "finetune", "scratch"):
         path = tmp_path / rep.metric_sources(params)[name]
