@@ -144,7 +144,7 @@ def objective(z: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tenso
     dloss = torch.zeros(n, classes, dtype=logp.dtype)  # [N, K]: nll_loss's mean-reduction gradient
     dloss[torch.arange(n), y] = -1.0 / n
     g = torch.ops.aten._log_softmax_backward_data(dloss, logp, 1, logp.dtype)  # [N, K] d loss / d logits
-    half = torch.full_like(w, 0.5 * l2) * w  # [D', K]: each factor of w * w gets grad * the other
+    half = w * (0.5 * l2)  # [D', K]: each factor of w * w gets grad (0.5 l2) * the other
     return loss, (half + half) + zt @ g, g.sum(0)
 
 
