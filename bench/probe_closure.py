@@ -19,34 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_probe import autograd_objective, autograd_solve  # noqa: E402  (the old closure)
 from stages.convex_probe import InputMap, objective, solve  # noqa: E402
-
-
-def autograd_closure(z, y, w, b, l2):
-    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
-    loss = F.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
-    loss.backward()
-    return loss.detach(), w.grad, b.grad
-
-
-def autograd_solve(z, y, classes, l2, max_iter):
-    """`solve` as it was before `objective`: autograd in the closure."""
-    w = torch.zeros(z.shape[1], classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), int(opt.state[w]["n_iter"])
 
 
 def problem(n: int, d: int, classes: int = 10, seed: int = 0):
@@ -73,11 +50,11 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         w = torch.randn(d, 10, generator=g, dtype=torch.float64) * 0.01
         b = torch.randn(10, generator=g, dtype=torch.float64) * 0.01
-        same = all(torch.equal(p, q) for p, q in zip(autograd_closure(z, y, w, b, args.l2),
+        same = all(torch.equal(p, q) for p, q in zip(autograd_objective(z, y, w, b, args.l2),
                                                       objective(z, zt, y, w, b, args.l2)))
         times: dict[str, list[float]] = {"autograd": [], "objective": []}
         for _ in range(args.repeats):
-            for name, fn in (("autograd", lambda: autograd_closure(z, y, w, b, args.l2)),
+            for name, fn in (("autograd", lambda: autograd_objective(z, y, w, b, args.l2)),
                              ("objective", lambda: objective(z, zt, y, w, b, args.l2))):
                 fn()
                 t = time.perf_counter()
@@ -86,7 +63,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - t) / 20)
         a, o = (statistics.median(times[k]) * 1e3 for k in ("autograd", "objective"))
         t = time.perf_counter()
-        w_old, it_old = autograd_solve(z, y, 10, args.l2, 500)
+        w_old, _, it_old = autograd_solve(z, y, 10, args.l2, 500)
         t_old = time.perf_counter() - t
         t = time.perf_counter()
         new = solve(InputMap(torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)), z, y, 10,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import make_shards, save_stand_in_encoder, tiny_params
+from reference_probe import autograd_objective, autograd_solve
 from pipeline.classify import open_labelled
 from stages.probe import knn, knn_scores, linear_probe, topk_accuracy, train_linear
 
@@ -113,14 +114,6 @@ def test_fit_logistic_reaches_the_optimum_of_the_penalised_loss():
     assert topk_accuracy(a(x), y)["top1"] > 0.8
 
 
-def autograd_objective(z, y, w, b, l2):
-    """The probe's loss and gradients as autograd computes them (the closure `objective` replaced)."""
-    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
-    loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
-    loss.backward()
-    return loss.detach(), w.grad, b.grad
-
-
 @pytest.mark.parametrize("n,d", [(300, 40), (120, 700)])  # more images than columns, and fewer (a token grid)
 def test_the_probe_objective_is_autograds_bit_for_bit(n, d):
     from stages.convex_probe import objective
@@ -144,20 +137,9 @@ def test_solve_takes_autograds_lbfgs_path_bit_for_bit():
     inputs = prepare(x, whiten=True)
     z = inputs(x)
     ours = solve(inputs, z, y, 5, l2=1e-2, max_iter=200)
-    w = torch.zeros(z.shape[1], 5, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(5, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5 * 1e-2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    assert ours.iterations == opt.state[w]["n_iter"] > 5
-    assert torch.equal(ours.weight, w.detach()) and torch.equal(ours.bias, b.detach())
+    w, b, iterations = autograd_solve(z, y, 5, l2=1e-2, max_iter=200)
+    assert ours.iterations == iterations > 5
+    assert torch.equal(ours.weight, w) and torch.equal(ours.bias, b)
 
 
 def test_fit_logistic_fits_repeated_columns_once_and_solves_the_full_problem():
