@@ -98,9 +98,9 @@ def test_two_sizes_agree_and_differ_from_another_view():
 
 def test_flip_really_flips_and_accepts_both_layouts():
     img = smooth_image()
-    v = dataclasses.replace(sample_view(0, "f", 0, 128, 96, NO_JITTER), flip=False)
+    v = sample_view(0, "f", 0, 128, 96, NO_JITTER)._replace(flip=False)
     plain = apply_view(img, v, 24)
-    flipped = apply_view(torch.from_numpy(img).permute(2, 0, 1), dataclasses.replace(v, flip=True), 24)
+    flipped = apply_view(torch.from_numpy(img).permute(2, 0, 1), v._replace(flip=True), 24)
     assert torch.equal(flipped, plain.flip(-1))
     assert not torch.equal(flipped, plain)
 
