@@ -22,9 +22,15 @@ def stable_hash(*parts: object, digest_size: int = 8) -> int:
 def stable_hashes(keys: Iterable[object], *parts: object) -> np.ndarray:
     """uint64 [n]: `stable_hash(*parts, key)` of each key. The loader hashes a shard's keys at
     once: the shared prefix is encoded once and the digests become integers in one numpy call."""
-    prefix = b"".join(repr(part).encode() + b"\x1f" for part in parts)
-    blake2b = hashlib.blake2b
-    digests = b"".join(blake2b(prefix + repr(k).encode() + b"\x1f", digest_size=8).digest() for k in keys)
+    # The prefix is hashed once and each key's hash continues a copy of that state: the same
+    # bytes, so the same digests, at ~0.36 us a key against ~0.53 for a new hash of prefix + key.
+    start = hashlib.blake2b(b"".join(repr(part).encode() + b"\x1f" for part in parts), digest_size=8)
+    out = []
+    for k in keys:
+        h = start.copy()
+        h.update(repr(k).encode() + b"\x1f")
+        out.append(h.digest())
+    digests = b"".join(out)
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)  # [n], little-endian as stable_hash reads it
 
 
