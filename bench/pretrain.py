@@ -32,7 +32,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Optional
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -275,11 +274,11 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
                                      batched if k in (B1, B0, BN) else masks, ring=k != BN)
             rates[k].append(imgs / sec)
             fixed.setdefault(k, []).append(ends)
-            if k == B1:  # paired with the (d') pass of the same repeat, the nearest in time
-                paired.append((rates[B1][-1], rates[D2][-1] if len(rates[D2]) == len(rates[B1]) else None))
+            if k == B1:  # paired with the (d') pass run just before it in the same repeat
+                paired.append(rates[B1][-1] / rates[D2][-1])
 
     names = list(rates)
-    paired: list[tuple[float, Optional[float]]] = []
+    paired: list[float] = []  # (b) / (d'), repeat by repeat
     decode_augment()  # warm-up
     for r in range(repeats):
         # (d') right before (b) in every repeat, so each (b) has a (d') measured beside it; the
@@ -296,7 +295,7 @@ def bench_loader(tmp: Path, n_images: int, batch: int, repeats: int, views: int,
     best = {k: max(v) for k, v in rates.items()}  # contention on a shared box only ever slows a pass down
     print(f"  best passes: (b) / (d') {best[B1] / best[D2] * 100:.1f}%, (b) in-process / (d') "
           f"{best[B0] / best[D2] * 100:.1f}% ({1e6 / best[D2]:.1f}, {1e6 / best[B1]:.1f}, {1e6 / best[B0]:.1f} us/img)")
-    pair = sorted(b / d for b, d in paired if d)
+    pair = sorted(paired)
     print(f"  (b) / (d') repeat by repeat, each against the (d') pass just before it: median "
           f"{statistics.median(pair) * 100:.1f}%, range {pair[0] * 100:.1f}-{pair[-1] * 100:.1f}% over {len(pair)}")
     for k in (B1, B0):
